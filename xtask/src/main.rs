@@ -1,0 +1,97 @@
+//! `cargo xtask`: build the patched kernel, boot it in QEMU, run the tests in it.
+
+mod deps;
+mod kernel;
+mod logscan;
+mod test;
+mod util;
+mod vm;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, boot and test kvm-userdev's patched kernel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install Linux 6.12 source, apply kernel-patch/ and build the bzImage
+    /// (cached outside the repository; an unchanged rebuild takes seconds).
+    Kernel {
+        /// The debug flavour: KASAN, lockdep, atomic-sleep checks, kmemleak.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Boot the built kernel under QEMU TCG and run CMD in it.
+    ///
+    /// Exits with CMD's status; 1 if CMD succeeded but the kernel logged a
+    /// report (WARNING, BUG, KASAN, lockdep, kmemleak, Call Trace) or the VM
+    /// died; 124 on timeout.
+    Vm {
+        /// Boot the debug flavour.
+        #[arg(long)]
+        debug: bool,
+        /// Wall-clock limit in seconds, boot included.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// Host directory shared read-write at the same path in the VM
+        /// (also in $KVM_USERDEV_SCRATCH there); the kernel log lands in it.
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        /// The command, run in the current directory.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// fmt, clippy, host tests, then the in-VM tests on the debug kernel.
+    Test,
+}
+
+fn run() -> Result<i32> {
+    match Cli::parse().cmd {
+        Cmd::Kernel { debug } => {
+            kernel::build(kernel::Flavour::new(debug))?;
+            Ok(0)
+        }
+        Cmd::Vm {
+            debug,
+            timeout,
+            memory,
+            scratch,
+            cmd,
+        } => {
+            let mut opts = vm::VmOptions::new(kernel::Flavour::new(debug));
+            opts.timeout = Duration::from_secs(timeout);
+            opts.memory_mib = memory;
+            if let Some(dir) = scratch {
+                opts.scratch = dir;
+            }
+            let run = vm::run(&opts, &cmd)?;
+            run.explain();
+            Ok(run.exit_code())
+        }
+        Cmd::Test => test::run(),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! `cargo xtask test`: the checks, host tests, then the in-VM tests on the
+//! debug kernel, ending with one `N passed, N failed` line.
+
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::kernel::{self, Flavour};
+use crate::util::{fmt_duration, repo_root};
+use crate::vm::{self, shell_quote, Outcome, VmOptions};
+
+/// The package whose tests run inside the VM.
+const VM_TESTS: &str = "vm-tests";
+
+/// What the debug kernel may take for all in-VM tests, boot included.
+const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, name: &str, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            self.failures.push(name.to_string());
+        }
+    }
+
+    /// Adds libtest's `test result:` lines from `output`; returns how many
+    /// it found.
+    fn add_libtest(&mut self, what: &str, output: &str) -> usize {
+        let mut found = 0;
+        for line in output.lines() {
+            if let Some(r) = parse_libtest_result(line) {
+                found += 1;
+                self.passed += r.passed;
+                self.ignored += r.ignored;
+                if r.failed > 0 {
+                    self.failed += r.failed;
+                    self.failures.push(format!("{what}: {} test(s)", r.failed));
+                }
+            }
+        }
+        found
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct LibtestResult {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; ...`
+fn parse_libtest_result(line: &str) -> Option<LibtestResult> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, counts) = rest.split_once(". ")?;
+    let mut r = LibtestResult {
+        passed: 0,
+        failed: 0,
+        ignored: 0,
+    };
+    for part in counts.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse() else { continue };
+        match what {
+            "passed" => r.passed = n,
+            "failed" => r.failed = n,
+            "ignored" => r.ignored = n,
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(repo_root());
+    c
+}
+
+fn banner(what: &str) {
+    eprintln!("\n==== {what}");
+}
+
+/// Runs `cmd`, passing its output through and returning it as well.
+fn tee(cmd: &mut Command) -> Result<(bool, String)> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let mut out = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok((child.wait()?.success(), out))
+}
+
+/// Builds the in-VM test binaries and returns their paths.
+fn build_vm_tests() -> Result<Vec<PathBuf>> {
+    let mut child = cargo()
+        .args([
+            "test",
+            "-p",
+            VM_TESTS,
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut json = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut json)?;
+    if !child.wait()?.success() {
+        anyhow::bail!("cargo test -p {VM_TESTS} --no-run failed");
+    }
+    let mut bins = vec![];
+    for line in json.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+            if let Some(exe) = msg["executable"].as_str() {
+                bins.push(PathBuf::from(exe));
+            }
+        }
+    }
+    Ok(bins)
+}
+
+const SECTION: &str = "== in-VM test ";
+const CRASHED: &str = "== exit status ";
+
+/// The shell loop the VM runs: every test binary, announced, and its exit
+/// status printed when not 0, so a crash without a `test result:` is seen.
+fn vm_runner(bins: &[PathBuf]) -> Vec<String> {
+    let mut script = String::from("rc=0\n");
+    for bin in bins {
+        let name = bin.file_name().unwrap_or_default().to_string_lossy();
+        let bin = shell_quote(&bin.to_string_lossy());
+        script.push_str(&format!(
+            "echo '{SECTION}{name}'\n{bin} || {{ echo \"{CRASHED}$?\"; rc=1; }}\n"
+        ));
+    }
+    script.push_str("exit $rc\n");
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// Tallies the runner's output, one section per test binary.
+fn tally_vm_output(output: &str, bins: usize, tally: &mut Tally) {
+    let sections: Vec<&str> = output.split(SECTION).skip(1).collect();
+    for section in &sections {
+        let name = section.lines().next().unwrap_or("?").to_string();
+        let failed_before = tally.failed;
+        let results = tally.add_libtest(&format!("in-VM {name}"), section);
+        let exited_badly = section.contains(CRASHED);
+        if results == 0 || (exited_badly && tally.failed == failed_before) {
+            tally.check(&format!("in-VM {name} (no test result: crashed?)"), false);
+        }
+    }
+    if sections.len() < bins {
+        tally.check(
+            &format!("in-VM tests ({} of {bins} binaries ran)", sections.len()),
+            false,
+        );
+    }
+}
+
+pub fn run() -> Result<i32> {
+    let started = Instant::now();
+    let mut tally = Tally::default();
+
+    banner("cargo fmt --all --check");
+    let ok = cargo()
+        .args(["fmt", "--all", "--check"])
+        .status()?
+        .success();
+    tally.check("cargo fmt --check", ok);
+
+    banner("cargo clippy --workspace --all-targets -- -D warnings");
+    let ok = cargo()
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .status()?
+        .success();
+    tally.check("cargo clippy", ok);
+
+    banner("host tests: cargo test --workspace");
+    let (ok, out) = tee(cargo().args(["test", "--workspace", "--exclude", VM_TESTS]))?;
+    if tally.add_libtest("host tests", &out) == 0 || (!ok && tally.failed == 0) {
+        tally.check("host tests (cargo test did not run them)", ok);
+    }
+
+    banner("debug kernel: cargo xtask kernel --debug");
+    let kernel_ok = match kernel::build(Flavour::Debug) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            false
+        }
+    };
+    tally.check("debug kernel build", kernel_ok);
+
+    banner("in-VM tests on the debug kernel");
+    let bins = build_vm_tests();
+    match (kernel_ok, bins) {
+        (false, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
+        (true, Err(e)) => {
+            eprintln!("xtask: {e:#}");
+            tally.check("in-VM test build", false);
+        }
+        (true, Ok(bins)) => run_in_vm(&bins, &mut tally).context("run the VM")?,
+    }
+
+    eprintln!(
+        "\n==== cargo xtask test finished in {}",
+        fmt_duration(started.elapsed())
+    );
+    for f in &tally.failures {
+        eprintln!("FAILED: {f}");
+    }
+    let skipped = if tally.ignored > 0 {
+        format!(", {} skipped", tally.ignored)
+    } else {
+        String::new()
+    };
+    println!("{} passed, {} failed{skipped}", tally.passed, tally.failed);
+    let _ = std::io::stdout().flush();
+    Ok(if tally.failed == 0 { 0 } else { 1 })
+}
+
+fn run_in_vm(bins: &[PathBuf], tally: &mut Tally) -> Result<()> {
+    let mut opts = VmOptions::new(Flavour::Debug);
+    opts.timeout = VM_TIMEOUT;
+    let run = vm::run(&opts, &vm_runner(bins))?;
+    run.explain();
+    tally_vm_output(&run.output, bins.len(), tally);
+    if !matches!(run.outcome, Outcome::Exited(_)) {
+        tally.check("in-VM run (the VM did not finish)", false);
+    }
+    tally.check("kernel log clean (debug kernel)", run.reports.is_empty());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_results_parsed() {
+        let ok = "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; \
+                  finished in 0.03s";
+        assert_eq!(
+            parse_libtest_result(ok),
+            Some(LibtestResult {
+                passed: 3,
+                failed: 0,
+                ignored: 1
+            })
+        );
+        let failed = "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured";
+        assert_eq!(parse_libtest_result(failed).unwrap().failed, 1);
+        assert_eq!(parse_libtest_result("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn tally_counts_results_and_failures() {
+        let mut t = Tally::default();
+        let out = "test result: ok. 3 passed; 0 failed; 0 ignored\n\
+                   test result: FAILED. 1 passed; 2 failed; 0 ignored\n";
+        assert_eq!(t.add_libtest("x", out), 2);
+        t.check("fmt", true);
+        t.check("clippy", false);
+        assert_eq!((t.passed, t.failed), (5, 3));
+        assert_eq!(t.failures, ["x: 2 test(s)", "clippy"]);
+    }
+
+    #[test]
+    fn vm_output_sections_tallied() {
+        let bins = [
+            PathBuf::from("/t/a-1"),
+            PathBuf::from("/t/b-2"),
+            PathBuf::from("/t/c-3"),
+        ];
+        let script = &vm_runner(&bins)[2];
+        assert!(script.contains("'/t/a-1' || "));
+        let out = format!(
+            "{SECTION}a-1\ntest result: ok. 2 passed; 0 failed; 0 ignored\n\
+             {SECTION}b-2\nthread panicked\n{CRASHED}101\n\
+             {SECTION}c-3\ntest result: FAILED. 1 passed; 1 failed; 0 ignored\n{CRASHED}101\n"
+        );
+        let mut t = Tally::default();
+        tally_vm_output(&out, bins.len(), &mut t);
+        assert_eq!((t.passed, t.failed), (3, 2));
+        let mut t = Tally::default();
+        tally_vm_output(&out, 4, &mut t);
+        assert_eq!(t.failed, 3);
+    }
+}

@@ -1,0 +1,317 @@
+//! `cargo xtask vm`: boot the cached patched kernel under QEMU TCG and run a
+//! command in it.
+//!
+//! The VM is `qemu-system-x86_64 -accel tcg,thread=multi -cpu max`: TCG
+//! because the host's own /dev/kvm cannot boot Linux, `-cpu max` because it
+//! exposes AMD SVM, so the patched kernel's kvm_amd can run nested guests.
+//! The host's root file system is shared read-only over virtio-9p and a
+//! scratch directory read-write at the same path; `vm-init.sh` is PID 1.
+
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::deps;
+use crate::kernel::{self, Flavour};
+use crate::logscan;
+use crate::util::{fmt_duration, repo_root};
+
+pub struct VmOptions {
+    pub flavour: Flavour,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub scratch: PathBuf,
+}
+
+impl VmOptions {
+    pub fn new(flavour: Flavour) -> Self {
+        VmOptions {
+            flavour,
+            timeout: Duration::from_secs(600),
+            memory_mib: 2048,
+            cpus: 2,
+            scratch: default_scratch(),
+        }
+    }
+}
+
+pub fn default_scratch() -> PathBuf {
+    repo_root().join("target/vm-scratch")
+}
+
+/// How a VM run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The command exited with this status.
+    Exited(i32),
+    /// The wall-clock limit ran out and the VM was killed.
+    TimedOut(Duration),
+    /// The VM stopped without the command finishing (a panic, or init died).
+    Died,
+}
+
+pub struct VmRun {
+    pub outcome: Outcome,
+    /// What the command printed (stdout and stderr, in order).
+    pub output: String,
+    pub kernel_log_path: PathBuf,
+    /// Kernel reports (warnings, KASAN, lockdep, leaks) that fail the run.
+    pub reports: Vec<logscan::Report>,
+}
+
+impl VmRun {
+    /// The exit status `cargo xtask vm` reports: the command's own, unless
+    /// it succeeded and the kernel did not.
+    pub fn exit_code(&self) -> i32 {
+        match self.outcome {
+            Outcome::Exited(0) if !self.reports.is_empty() => 1,
+            Outcome::Exited(code) => code,
+            Outcome::TimedOut(_) => 124,
+            Outcome::Died => 1,
+        }
+    }
+
+    /// Prints why the run failed, if it did for a reason other than the
+    /// command's own exit status.
+    pub fn explain(&self) {
+        match self.outcome {
+            Outcome::TimedOut(t) => {
+                eprintln!(
+                    "xtask: the VM did not finish within {}: killed",
+                    fmt_duration(t)
+                );
+                self.print_log_tail();
+            }
+            Outcome::Died => {
+                eprintln!("xtask: the VM stopped before the command finished");
+                self.print_log_tail();
+            }
+            Outcome::Exited(_) => {}
+        }
+        if !self.reports.is_empty() {
+            eprintln!(
+                "xtask: the kernel log has {} report(s) ({}):",
+                self.reports.len(),
+                self.kernel_log_path.display()
+            );
+            for r in &self.reports {
+                eprintln!("--- kernel log line {}:", r.line);
+                for l in &r.excerpt {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+
+    fn print_log_tail(&self) {
+        let log = fs::read_to_string(&self.kernel_log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        eprintln!(
+            "--- last kernel log lines ({}):",
+            self.kernel_log_path.display()
+        );
+        for l in &lines[from..] {
+            eprintln!("{l}");
+        }
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The script the VM's init runs: the host's working directory and a few
+/// environment variables, then the command.
+fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
+    let mut s = String::from("# written by cargo xtask vm\n");
+    s.push_str(&format!(
+        "cd {} || exit 125\n",
+        shell_quote(&cwd.to_string_lossy())
+    ));
+    s.push_str("export HOME=/tmp TERM=dumb\n");
+    s.push_str(&format!(
+        "export KVM_USERDEV_SCRATCH={}\n",
+        shell_quote(&scratch.to_string_lossy())
+    ));
+    for var in ["RUST_BACKTRACE", "RUST_LOG"] {
+        if let Ok(v) = std::env::var(var) {
+            s.push_str(&format!("export {var}={}\n", shell_quote(&v)));
+        }
+    }
+    let words: Vec<String> = cmd.iter().map(|w| shell_quote(w)).collect();
+    s.push_str(&format!("exec {}\n", words.join(" ")));
+    s
+}
+
+/// Boots the kernel of `opts.flavour` and runs `cmd` in it, streaming its
+/// output to our stdout.
+pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
+    if cmd.is_empty() {
+        bail!("no command to run in the VM");
+    }
+    let kernel = kernel::find(opts.flavour)?;
+    let qemu = deps::ensure_qemu()?;
+
+    let scratch = &opts.scratch;
+    fs::create_dir_all(scratch).with_context(|| format!("create {}", scratch.display()))?;
+    let scratch = scratch.canonicalize()?;
+    for f in [".vm-status", ".vm-kmemleak", ".vm-cmd"] {
+        let _ = fs::remove_file(scratch.join(f));
+    }
+    let cwd = std::env::current_dir()?;
+    fs::write(scratch.join(".vm-cmd"), command_script(cmd, &cwd, &scratch))?;
+    let kernel_log_path = scratch.join("kernel.log");
+    let init = repo_root().join("xtask/vm-init.sh");
+
+    let append = format!(
+        "console=ttyS0 root=/dev/root rootfstype=9p rootflags=trans=virtio,version=9p2000.L \
+         ro init={} panic=-1 -- {}",
+        init.display(),
+        scratch.display()
+    );
+    let mut qemu_cmd = Command::new(qemu);
+    qemu_cmd
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-smp", &opts.cpus.to_string()])
+        .args(["-m", &format!("{}M", opts.memory_mib)])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel.bzimage)
+        .args(["-append", &append])
+        .args([
+            "-fsdev",
+            "local,id=root,path=/,security_model=none,readonly=on",
+        ])
+        .args(["-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"])
+        .arg("-fsdev")
+        .arg(format!(
+            "local,id=scratch,path={},security_model=none",
+            scratch.display()
+        ))
+        .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"])
+        .arg("-serial")
+        .arg(format!("file:{}", kernel_log_path.display()))
+        .args(["-device", "virtio-serial-pci"])
+        .args(["-chardev", "stdio,id=out,signal=off"])
+        .args(["-device", "virtconsole,chardev=out"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+
+    eprintln!(
+        "xtask: booting {} ({} kernel, {} vCPUs, {} MiB, limit {})",
+        kernel.release,
+        opts.flavour.name(),
+        opts.cpus,
+        opts.memory_mib,
+        fmt_duration(opts.timeout)
+    );
+    let started = Instant::now();
+    let mut child = qemu_cmd.spawn().context("start qemu-system-x86_64")?;
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let mut stdout = child.stdout.take().expect("piped");
+        let output = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+                output.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+
+    let mut timed_out = false;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > opts.timeout {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = reader.join();
+    let output = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+
+    let status = fs::read_to_string(scratch.join(".vm-status"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let outcome = match (timed_out, status) {
+        (true, _) => Outcome::TimedOut(opts.timeout),
+        (false, Some(code)) => Outcome::Exited(code),
+        (false, None) => Outcome::Died,
+    };
+    let mut log = fs::read_to_string(&kernel_log_path).unwrap_or_default();
+    if let Ok(leaks) = fs::read_to_string(scratch.join(".vm-kmemleak")) {
+        log.push_str(&leaks);
+    }
+    eprintln!("xtask: VM finished in {}", fmt_duration(started.elapsed()));
+    Ok(VmRun {
+        outcome,
+        output,
+        kernel_log_path,
+        reports: logscan::scan(&log),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        let script = command_script(
+            &["printf".into(), "%s|".into(), "it's".into(), "$HOME".into()],
+            Path::new("/work/a b"),
+            Path::new("/s"),
+        );
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script.replace("cd '/work/a b' || exit 125", "cd /"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's|$HOME|");
+        assert!(script.contains("cd '/work/a b' || exit 125"));
+    }
+
+    #[test]
+    fn exit_code_reflects_kernel_reports() {
+        let run = |outcome, reports: Vec<logscan::Report>| VmRun {
+            outcome,
+            output: String::new(),
+            kernel_log_path: PathBuf::new(),
+            reports,
+        };
+        let report = || logscan::scan("WARNING: x\n");
+        assert_eq!(run(Outcome::Exited(0), vec![]).exit_code(), 0);
+        assert_eq!(run(Outcome::Exited(3), vec![]).exit_code(), 3);
+        assert_eq!(run(Outcome::Exited(0), report()).exit_code(), 1);
+        assert_eq!(run(Outcome::Exited(3), report()).exit_code(), 3);
+        assert_eq!(
+            run(Outcome::TimedOut(Duration::ZERO), vec![]).exit_code(),
+            124
+        );
+        assert_eq!(run(Outcome::Died, vec![]).exit_code(), 1);
+    }
+}

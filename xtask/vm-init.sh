@@ -1,0 +1,45 @@
+#!/bin/sh
+# PID 1 of the patched-kernel VM (`cargo xtask vm`).
+#
+# The root file system is the host's, read-only over 9p. This script mounts
+# what programs expect, runs the command that xtask wrote into the scratch
+# directory with its output on hvc0, records the exit status (and, on a
+# kmemleak kernel, the leak report) there, and powers the VM off.
+#
+# Argument (from the kernel command line, after "--"): the scratch directory,
+# a host directory shared read-write at the same path.
+
+scratch=$1
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tracefs tracefs /sys/kernel/tracing
+# The mount point exists on the host unless it lies under a tmpfs above.
+mkdir -p "$scratch" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L scratch "$scratch"
+
+# Boot-time objects are not the command's leaks: forget them.
+kmemleak=/sys/kernel/debug/kmemleak
+[ -w $kmemleak ] && echo clear > $kmemleak
+
+(cd /tmp && exec sh "$scratch/.vm-cmd") </dev/null >/dev/hvc0 2>&1
+echo $? > "$scratch/.vm-status"
+
+if [ -w $kmemleak ]; then
+	# kmemleak reports only objects older than 5 seconds.
+	sleep 6
+	echo scan > $kmemleak
+	cat $kmemleak > "$scratch/.vm-kmemleak"
+fi
+
+echo o > /proc/sysrq-trigger
+# Power-off is asynchronous; PID 1 must not exit meanwhile.
+sleep 60
