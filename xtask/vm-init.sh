@@ -4,17 +4,19 @@
 # The root file system is the host's, read-only over 9p. This script mounts
 # what programs expect, runs the command that xtask wrote into the scratch
 # directory with its output on hvc0, records the exit status (and, on a
-# kmemleak kernel, the leak report) there, and powers the VM off.
+# kmemleak kernel, the leak report) there, and resets the VM, which ends QEMU.
 #
-# Argument (from the kernel command line, after "--"): the scratch directory,
-# a host directory shared read-write at the same path.
+# Last argument (from the kernel command line, after "--"): the scratch
+# directory, a host directory shared read-write at the same path. The kernel
+# may pass other words of its command line before it.
 
-scratch=$1
+for scratch; do :; done
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+# With CONFIG_DEVTMPFS_MOUNT the kernel has mounted it already.
+grep -q '^devtmpfs /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
@@ -24,22 +26,29 @@ mount -t debugfs debugfs /sys/kernel/debug
 mount -t tracefs tracefs /sys/kernel/tracing
 # The mount point exists on the host unless it lies under a tmpfs above.
 mkdir -p "$scratch" 2>/dev/null
-mount -t 9p -o trans=virtio,version=9p2000.L scratch "$scratch"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 scratch "$scratch"
 
 # Boot-time objects are not the command's leaks: forget them.
 kmemleak=/sys/kernel/debug/kmemleak
 [ -w $kmemleak ] && echo clear > $kmemleak
 
+echo "vm-init: running the command" > /dev/kmsg
 (cd /tmp && exec sh "$scratch/.vm-cmd") </dev/null >/dev/hvc0 2>&1
-echo $? > "$scratch/.vm-status"
+status=$?
+echo "vm-init: the command exited with status $status" > /dev/kmsg
+echo $status > "$scratch/.vm-status"
 
 if [ -w $kmemleak ]; then
 	# kmemleak reports only objects older than 5 seconds.
 	sleep 6
+	echo "vm-init: kmemleak scan" > /dev/kmsg
 	echo scan > $kmemleak
 	cat $kmemleak > "$scratch/.vm-kmemleak"
+	echo "vm-init: kmemleak scan done" > /dev/kmsg
 fi
 
-echo o > /proc/sysrq-trigger
-# Power-off is asynchronous; PID 1 must not exit meanwhile.
-sleep 60
+# An immediate reset, which QEMU (-no-reboot) turns into its exit. Unlike an
+# orderly power-off it returns to nobody: PID 1 cannot exit (and panic) while
+# devices are being torn down. Nothing is left to flush: the scratch share
+# is uncached and the console is written synchronously.
+echo b > /proc/sysrq-trigger

@@ -170,9 +170,15 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
     let kernel_log_path = scratch.join("kernel.log");
     let init = repo_root().join("xtask/vm-init.sh");
 
+    // The root is read-only and does not change while the VM runs, so the
+    // guest may cache it (cache=loose): without that every exec reads the
+    // binary and its libraries over 9p again, page by page.
+    // no5lvl: with -cpu max the kernel would use 5-level paging, under which
+    // 6.12's early KASAN reports a wild access at boot.
     let append = format!(
-        "console=ttyS0 root=/dev/root rootfstype=9p rootflags=trans=virtio,version=9p2000.L \
-         ro init={} panic=-1 -- {}",
+        "console=ttyS0 root=/dev/root rootfstype=9p \
+         rootflags=trans=virtio,version=9p2000.L,cache=loose,msize=524288 \
+         ro init={} panic=-1 no5lvl -- {}",
         init.display(),
         scratch.display()
     );
