@@ -21,6 +21,7 @@ pub const KERNEL_BUILD: &[&str] = &[
     "libelf-dev",
     "libssl-dev",
     "make",
+    "rsync",
     "xz-utils",
 ];
 

@@ -25,7 +25,7 @@ use crate::util::{cache_dir, fmt_duration, repo_root, run, run_output};
 
 /// Bumped when the way a kernel is built changes, so old cache entries are
 /// not mistaken for current ones.
-const RECIPE: &str = "kvm-userdev kernel recipe 1";
+const RECIPE: &str = "kvm-userdev kernel recipe 2";
 const BASE_TAG: &str = "kvm-userdev-base";
 const COVER_LETTER: &str = "0000-cover-letter.patch";
 const GIT_IDENTITY: [&str; 4] = [
@@ -80,6 +80,8 @@ pub struct Kernel {
     pub bzimage: PathBuf,
     /// `uname -r` of the kernel.
     pub release: String,
+    /// The KVM selftests built against its headers (`x86_64/...`).
+    pub selftests: PathBuf,
 }
 
 /// The Debian source package the series is made against, from
@@ -218,6 +220,7 @@ fn kernel_in(dir: &Path) -> Option<Kernel> {
     bzimage.is_file().then(|| Kernel {
         bzimage,
         release: release.trim().to_string(),
+        selftests: dir.join("selftests/kvm"),
     })
 }
 
@@ -270,6 +273,7 @@ pub fn build(flavour: Flavour) -> Result<Kernel> {
     let tmp = out.with_extension("tmp");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
+    build_selftests(&cache, &obj, &tmp.join("selftests/kvm"))?;
     fs::copy(obj.join("arch/x86/boot/bzImage"), tmp.join("bzImage"))?;
     fs::copy(obj.join(".config"), tmp.join("config"))?;
     fs::write(tmp.join("release"), release.trim())?;
@@ -610,6 +614,68 @@ fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
         let _ = fs::write(&estimate_file, steps.to_string());
     }
     Ok(steps)
+}
+
+/// Installs the patched tree's uAPI headers into `obj` and builds the KVM
+/// selftests against them, copying the test programs to `dest`.
+fn build_selftests(cache: &Cache, obj: &Path, dest: &Path) -> Result<()> {
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let log_path = obj.join("selftests.log");
+    let log = File::create(&log_path)?;
+    let out = obj.join("kselftest/kvm");
+    eprintln!(
+        "xtask: building the KVM selftests (log: {})",
+        log_path.display()
+    );
+    let mut headers = make(cache, obj);
+    headers.args(["-s", "headers_install"]);
+    let mut tests = Command::new("make");
+    tests
+        .arg("-C")
+        .arg(cache.tree().join("tools/testing/selftests/kvm"))
+        .arg(format!("-j{jobs}"))
+        .arg(format!(
+            "KHDR_INCLUDES=-isystem {}",
+            obj.join("usr/include").display()
+        ))
+        .arg(format!("OUTPUT={}", out.display()));
+    for cmd in [&mut headers, &mut tests] {
+        let status = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .status()?;
+        if !status.success() {
+            let text = fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            bail!(
+                "KVM selftests build failed ({status}); log: {}",
+                log_path.display()
+            );
+        }
+    }
+    copy_programs(&out, dest)
+}
+
+/// Copies the executables under `from` (not objects or dependency files)
+/// to the same relative paths under `to`.
+fn copy_programs(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            copy_programs(&path, &to.join(entry.file_name()))?;
+        } else if meta.permissions().mode() & 0o111 != 0 && path.extension().is_none() {
+            fs::copy(&path, to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

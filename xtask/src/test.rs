@@ -14,6 +14,11 @@ use crate::vm::{self, shell_quote, Outcome, VmOptions};
 /// The package whose tests run inside the VM.
 const VM_TESTS: &str = "vm-tests";
 
+/// The kernel's own tests of the series, relative to the built selftests,
+/// with their arguments. `figures` reports timings, which mean nothing on the
+/// debug kernel; the benchmark runs it on the plain one.
+const KVM_SELFTESTS: &[(&str, &[&str])] = &[("x86_64/user_dev_test", &["-T", "figures"])];
+
 /// What the debug kernel may take for all in-VM tests, boot included.
 const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -42,15 +47,19 @@ impl Tally {
         for line in output.lines() {
             if let Some(r) = parse_libtest_result(line) {
                 found += 1;
-                self.passed += r.passed;
-                self.ignored += r.ignored;
-                if r.failed > 0 {
-                    self.failed += r.failed;
-                    self.failures.push(format!("{what}: {} test(s)", r.failed));
-                }
+                self.add(what, &r);
             }
         }
         found
+    }
+
+    fn add(&mut self, what: &str, r: &LibtestResult) {
+        self.passed += r.passed;
+        self.ignored += r.ignored;
+        if r.failed > 0 {
+            self.failed += r.failed;
+            self.failures.push(format!("{what}: {} test(s)", r.failed));
+        }
     }
 }
 
@@ -147,36 +156,113 @@ fn build_vm_tests() -> Result<Vec<PathBuf>> {
 const SECTION: &str = "== in-VM test ";
 const CRASHED: &str = "== exit status ";
 
-/// The shell loop the VM runs: every test binary, announced, and its exit
-/// status printed when not 0, so a crash without a `test result:` is seen.
-fn vm_runner(bins: &[PathBuf]) -> Vec<String> {
+/// How a test program reports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Rust's libtest: `test result: ok. N passed; ...`.
+    Libtest,
+    /// The kernel's kselftest harness: TAP, `ok N name` / `not ok N name`.
+    Ktap,
+}
+
+/// A test program to run in the VM.
+struct Suite {
+    name: String,
+    path: PathBuf,
+    args: Vec<String>,
+    format: Format,
+}
+
+impl Suite {
+    fn new(path: PathBuf, format: Format) -> Self {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        Suite {
+            name,
+            path,
+            args: vec![],
+            format,
+        }
+    }
+}
+
+/// The shell loop the VM runs: every test program, announced, and its exit
+/// status printed when not 0, so a crash without results is seen.
+fn vm_runner(suites: &[Suite]) -> Vec<String> {
     let mut script = String::from("rc=0\n");
-    for bin in bins {
-        let name = bin.file_name().unwrap_or_default().to_string_lossy();
-        let bin = shell_quote(&bin.to_string_lossy());
+    for suite in suites {
+        let mut cmd = shell_quote(&suite.path.to_string_lossy());
+        for arg in &suite.args {
+            cmd.push(' ');
+            cmd.push_str(&shell_quote(arg));
+        }
         script.push_str(&format!(
-            "echo '{SECTION}{name}'\n{bin} || {{ echo \"{CRASHED}$?\"; rc=1; }}\n"
+            "echo '{SECTION}{}'\n{cmd} || {{ echo \"{CRASHED}$?\"; rc=1; }}\n",
+            suite.name
         ));
     }
     script.push_str("exit $rc\n");
     vec!["sh".into(), "-c".into(), script]
 }
 
-/// Tallies the runner's output, one section per test binary.
-fn tally_vm_output(output: &str, bins: usize, tally: &mut Tally) {
+/// TAP results: `ok` and `not ok` lines at the top level, and the plan.
+fn parse_ktap(output: &str) -> (LibtestResult, Option<u64>) {
+    let mut r = LibtestResult {
+        passed: 0,
+        failed: 0,
+        ignored: 0,
+    };
+    let mut plan = None;
+    for line in output.lines() {
+        if let Some(n) = line.strip_prefix("1..") {
+            plan = n.trim().parse().ok();
+        } else if line.starts_with("not ok ") {
+            r.failed += 1;
+        } else if line.starts_with("ok ") {
+            if line.contains("# SKIP") {
+                r.ignored += 1;
+            } else {
+                r.passed += 1;
+            }
+        }
+    }
+    (r, plan)
+}
+
+/// Tallies the runner's output, one section per test program.
+fn tally_vm_output(output: &str, suites: &[Suite], tally: &mut Tally) {
     let sections: Vec<&str> = output.split(SECTION).skip(1).collect();
     for section in &sections {
         let name = section.lines().next().unwrap_or("?").to_string();
+        let what = format!("in-VM {name}");
+        let format = suites
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(Format::Libtest, |s| s.format);
         let failed_before = tally.failed;
-        let results = tally.add_libtest(&format!("in-VM {name}"), section);
+        let complete = match format {
+            Format::Libtest => tally.add_libtest(&what, section) > 0,
+            Format::Ktap => {
+                let (r, plan) = parse_ktap(section);
+                tally.add(&what, &r);
+                plan == Some(r.passed + r.failed + r.ignored)
+            }
+        };
         let exited_badly = section.contains(CRASHED);
-        if results == 0 || (exited_badly && tally.failed == failed_before) {
-            tally.check(&format!("in-VM {name} (no test result: crashed?)"), false);
+        if !complete || (exited_badly && tally.failed == failed_before) {
+            tally.check(&format!("{what} (results missing: crashed?)"), false);
         }
     }
-    if sections.len() < bins {
+    if sections.len() < suites.len() {
         tally.check(
-            &format!("in-VM tests ({} of {bins} binaries ran)", sections.len()),
+            &format!(
+                "in-VM tests ({} of {} programs ran)",
+                sections.len(),
+                suites.len()
+            ),
             false,
         );
     }
@@ -214,24 +300,35 @@ pub fn run() -> Result<i32> {
     }
 
     banner("debug kernel: cargo xtask kernel --debug");
-    let kernel_ok = match kernel::build(Flavour::Debug) {
-        Ok(_) => true,
+    let kernel = match kernel::build(Flavour::Debug) {
+        Ok(k) => Some(k),
         Err(e) => {
             eprintln!("xtask: {e:#}");
-            false
+            None
         }
     };
-    tally.check("debug kernel build", kernel_ok);
+    tally.check("debug kernel build", kernel.is_some());
 
     banner("in-VM tests on the debug kernel");
     let bins = build_vm_tests();
-    match (kernel_ok, bins) {
-        (false, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
-        (true, Err(e)) => {
+    match (kernel, bins) {
+        (None, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
+        (Some(_), Err(e)) => {
             eprintln!("xtask: {e:#}");
             tally.check("in-VM test build", false);
         }
-        (true, Ok(bins)) => run_in_vm(&bins, &mut tally).context("run the VM")?,
+        (Some(kernel), Ok(bins)) => {
+            let mut suites: Vec<Suite> = bins
+                .into_iter()
+                .map(|b| Suite::new(b, Format::Libtest))
+                .collect();
+            for (selftest, args) in KVM_SELFTESTS {
+                let mut suite = Suite::new(kernel.selftests.join(selftest), Format::Ktap);
+                suite.args = args.iter().map(|a| a.to_string()).collect();
+                suites.push(suite);
+            }
+            run_in_vm(&suites, &mut tally).context("run the VM")?
+        }
     }
 
     eprintln!(
@@ -251,12 +348,12 @@ pub fn run() -> Result<i32> {
     Ok(if tally.failed == 0 { 0 } else { 1 })
 }
 
-fn run_in_vm(bins: &[PathBuf], tally: &mut Tally) -> Result<()> {
+fn run_in_vm(suites: &[Suite], tally: &mut Tally) -> Result<()> {
     let mut opts = VmOptions::new(Flavour::Debug);
     opts.timeout = VM_TIMEOUT;
-    let run = vm::run(&opts, &vm_runner(bins))?;
+    let run = vm::run(&opts, &vm_runner(suites))?;
     run.explain();
-    tally_vm_output(&run.output, bins.len(), tally);
+    tally_vm_output(&run.output, suites, tally);
     if !matches!(run.outcome, Outcome::Exited(_)) {
         tally.check("in-VM run (the VM did not finish)", false);
     }
@@ -299,23 +396,37 @@ mod tests {
 
     #[test]
     fn vm_output_sections_tallied() {
-        let bins = [
-            PathBuf::from("/t/a-1"),
-            PathBuf::from("/t/b-2"),
-            PathBuf::from("/t/c-3"),
+        let suites = [
+            Suite::new(PathBuf::from("/t/a-1"), Format::Libtest),
+            Suite::new(PathBuf::from("/t/b-2"), Format::Libtest),
+            Suite::new(PathBuf::from("/k/user_dev_test"), Format::Ktap),
         ];
-        let script = &vm_runner(&bins)[2];
+        let script = &vm_runner(&suites)[2];
         assert!(script.contains("'/t/a-1' || "));
         let out = format!(
             "{SECTION}a-1\ntest result: ok. 2 passed; 0 failed; 0 ignored\n\
              {SECTION}b-2\nthread panicked\n{CRASHED}101\n\
-             {SECTION}c-3\ntest result: FAILED. 1 passed; 1 failed; 0 ignored\n{CRASHED}101\n"
+             {SECTION}user_dev_test\nTAP version 13\n1..3\n# Starting 3 tests\n\
+             ok 1 udev.ranges\nnot ok 2 udev.bad\nok 3 udev.skip # SKIP why\n{CRASHED}1\n"
         );
         let mut t = Tally::default();
-        tally_vm_output(&out, bins.len(), &mut t);
-        assert_eq!((t.passed, t.failed), (3, 2));
+        tally_vm_output(&out, &suites, &mut t);
+        assert_eq!((t.passed, t.failed, t.ignored), (3, 2, 1));
+
+        // A TAP program that stops before its plan is done has failed.
+        let cut = out.replace("ok 3 udev.skip # SKIP why\n", "");
         let mut t = Tally::default();
-        tally_vm_output(&out, 4, &mut t);
+        tally_vm_output(&cut, &suites, &mut t);
+        assert_eq!((t.passed, t.failed), (3, 3));
+
+        // A program that never ran has failed.
+        let mut more: Vec<Suite> = suites
+            .iter()
+            .map(|s| Suite::new(s.path.clone(), s.format))
+            .collect();
+        more.push(Suite::new(PathBuf::from("/t/d-4"), Format::Libtest));
+        let mut t = Tally::default();
+        tally_vm_output(&out, &more, &mut t);
         assert_eq!(t.failed, 3);
     }
 }
