@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::deps;
-use crate::util::{cache_dir, fmt_duration, repo_root, run, run_output};
+use crate::util::{cache_dir, fmt_duration, jobs, print_tail, repo_root, run, run_output};
 
 /// Bumped when the way a kernel is built changes, so old cache entries are
 /// not mistaken for current ones.
@@ -532,7 +532,7 @@ fn is_build_step(line: &str) -> bool {
 /// Builds the bzImage, printing a progress line now and then; the full
 /// output goes to `obj/build.log`. Returns the number of build steps.
 fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let jobs = jobs();
     let cold = !obj.join("vmlinux").exists();
     let estimate_file = cache.root.join(format!("steps-{}", flavour.name()));
     let estimate: Option<u64> = if cold {
@@ -600,11 +600,7 @@ fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
     let status = child.wait()?;
     let _ = err_thread.join();
     if !status.success() {
-        let text = fs::read_to_string(&log_path).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        for line in tail.iter().rev() {
-            eprintln!("{line}");
-        }
+        print_tail(&log_path, 40);
         bail!(
             "kernel build failed ({status}); full log: {}",
             log_path.display()
@@ -619,7 +615,6 @@ fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
 /// Installs the patched tree's uAPI headers into `obj` and builds the KVM
 /// selftests against them, copying the test programs to `dest`.
 fn build_selftests(cache: &Cache, obj: &Path, dest: &Path) -> Result<()> {
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     let log_path = obj.join("selftests.log");
     let log = File::create(&log_path)?;
     let out = obj.join("kselftest/kvm");
@@ -633,7 +628,7 @@ fn build_selftests(cache: &Cache, obj: &Path, dest: &Path) -> Result<()> {
     tests
         .arg("-C")
         .arg(cache.tree().join("tools/testing/selftests/kvm"))
-        .arg(format!("-j{jobs}"))
+        .arg(format!("-j{}", jobs()))
         .arg(format!(
             "KHDR_INCLUDES=-isystem {}",
             obj.join("usr/include").display()
@@ -646,11 +641,7 @@ fn build_selftests(cache: &Cache, obj: &Path, dest: &Path) -> Result<()> {
             .stderr(log.try_clone()?)
             .status()?;
         if !status.success() {
-            let text = fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            print_tail(&log_path, 30);
             bail!(
                 "KVM selftests build failed ({status}); log: {}",
                 log_path.display()

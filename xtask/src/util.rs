@@ -58,6 +58,20 @@ pub fn cache_dir() -> PathBuf {
     Path::new(&home).join(".cache/kvm-userdev")
 }
 
+/// Parallel jobs for builds: one per CPU.
+pub fn jobs() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Prints the last `lines` lines of the log at `path` to stderr.
+pub fn print_tail(path: &Path, lines: usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        eprintln!("{line}");
+    }
+}
+
 pub fn fmt_duration(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 60 {

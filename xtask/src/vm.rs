@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::deps;
 use crate::kernel::{self, Flavour};
 use crate::logscan;
-use crate::util::{fmt_duration, repo_root};
+use crate::util::{fmt_duration, print_tail, repo_root};
 
 pub struct VmOptions {
     pub flavour: Flavour,
@@ -109,16 +109,11 @@ impl VmRun {
     }
 
     fn print_log_tail(&self) {
-        let log = fs::read_to_string(&self.kernel_log_path).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let from = lines.len().saturating_sub(40);
         eprintln!(
             "--- last kernel log lines ({}):",
             self.kernel_log_path.display()
         );
-        for l in &lines[from..] {
-            eprintln!("{l}");
-        }
+        print_tail(&self.kernel_log_path, 40);
     }
 }
 
