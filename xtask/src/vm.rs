@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::deps;
 use crate::kernel::{self, Flavour};
 use crate::logscan;
-use crate::util::{fmt_duration, print_tail, repo_root};
+use crate::util::{cache_dir, fmt_duration, print_tail, repo_root};
 
 pub struct VmOptions {
     pub flavour: Flavour,
@@ -161,6 +161,19 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
         let _ = fs::remove_file(scratch.join(f));
     }
     let cwd = std::env::current_dir()?;
+    for (what, path) in [
+        ("the current directory", cwd.clone()),
+        ("the repository", repo_root()),
+        ("the kernel cache", cache_dir()),
+    ] {
+        if path.starts_with("/tmp") {
+            bail!(
+                "{what} ({}) is under /tmp, which the VM covers with its own tmpfs; \
+                 move it elsewhere",
+                path.display()
+            );
+        }
+    }
     fs::write(scratch.join(".vm-cmd"), command_script(cmd, &cwd, &scratch))?;
     let kernel_log_path = scratch.join("kernel.log");
     let init = repo_root().join("xtask/vm-init.sh");
