@@ -3,6 +3,7 @@
 mod deps;
 mod kernel;
 mod logscan;
+mod selftests;
 mod test;
 mod util;
 mod vm;
@@ -57,6 +58,16 @@ enum Cmd {
     },
     /// fmt, clippy, host tests, then the in-VM tests on the debug kernel.
     Test,
+    /// Run every KVM selftest of the built kernel in the VM, one line each
+    /// (pass, fail, skip, timeout): for comparing kernels.
+    KvmSelftests {
+        /// Use the debug flavour.
+        #[arg(long)]
+        debug: bool,
+        /// Seconds each test may take.
+        #[arg(long, default_value_t = 300)]
+        per_test: u64,
+    },
 }
 
 fn run() -> Result<i32> {
@@ -83,6 +94,9 @@ fn run() -> Result<i32> {
             Ok(run.exit_code())
         }
         Cmd::Test => test::run(),
+        Cmd::KvmSelftests { debug, per_test } => {
+            selftests::run(kernel::Flavour::new(debug), Duration::from_secs(per_test))
+        }
     }
 }
 
