@@ -20,11 +20,19 @@ grep -q '^devtmpfs /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+# xtask says whether /tmp may be covered: not when the run needs host files
+# there (kernel command line, kvm_userdev_tmp=tmpfs|host, passed to init's
+# environment).
+if [ "$kvm_userdev_tmp" = host ]; then
+	mkdir -p /run/tmp
+	export TMPDIR=/run/tmp
+else
+	mount -t tmpfs tmpfs /tmp
+fi
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t tracefs tracefs /sys/kernel/tracing
-# The mount point exists on the host unless it lies under a tmpfs above.
+# The mount point exists on the host unless it lies under the tmpfs above.
 mkdir -p "$scratch" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 scratch "$scratch"
 
@@ -33,7 +41,7 @@ kmemleak=/sys/kernel/debug/kmemleak
 [ -w $kmemleak ] && echo clear > $kmemleak
 
 echo "vm-init: running the command" > /dev/kmsg
-(cd /tmp && exec sh "$scratch/.vm-cmd") </dev/null >/dev/hvc0 2>&1
+(cd "${TMPDIR:-/tmp}" && exec sh "$scratch/.vm-cmd") </dev/null >/dev/hvc0 2>&1
 status=$?
 echo "vm-init: the command exited with status $status" > /dev/kmsg
 echo $status > "$scratch/.vm-status"

@@ -130,7 +130,7 @@ fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
         "cd {} || exit 125\n",
         shell_quote(&cwd.to_string_lossy())
     ));
-    s.push_str("export HOME=/tmp TERM=dumb\n");
+    s.push_str("export HOME=\"${TMPDIR:-/tmp}\" TERM=dumb\n");
     s.push_str(&format!(
         "export KVM_USERDEV_SCRATCH={}\n",
         shell_quote(&scratch.to_string_lossy())
@@ -161,19 +161,12 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
         let _ = fs::remove_file(scratch.join(f));
     }
     let cwd = std::env::current_dir()?;
-    for (what, path) in [
-        ("the current directory", cwd.clone()),
-        ("the repository", repo_root()),
-        ("the kernel cache", cache_dir()),
-    ] {
-        if path.starts_with("/tmp") {
-            bail!(
-                "{what} ({}) is under /tmp, which the VM covers with its own tmpfs; \
-                 move it elsewhere",
-                path.display()
-            );
-        }
-    }
+    // The guest gets a tmpfs of its own on /tmp, unless that would hide host
+    // files the run needs (a checkout or cache under /tmp); then /tmp stays
+    // the host's, read-only, and TMPDIR points to a tmpfs instead.
+    let host_tmp = [&cwd, &repo_root(), &cache_dir(), &scratch]
+        .iter()
+        .any(|p| p.starts_with("/tmp"));
     fs::write(scratch.join(".vm-cmd"), command_script(cmd, &cwd, &scratch))?;
     let kernel_log_path = scratch.join("kernel.log");
     let init = repo_root().join("xtask/vm-init.sh");
@@ -186,8 +179,9 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
     let append = format!(
         "console=ttyS0 root=/dev/root rootfstype=9p \
          rootflags=trans=virtio,version=9p2000.L,cache=loose,msize=524288 \
-         ro init={} panic=-1 no5lvl -- {}",
+         ro init={} panic=-1 no5lvl kvm_userdev_tmp={} -- {}",
         init.display(),
+        if host_tmp { "host" } else { "tmpfs" },
         scratch.display()
     );
     let mut qemu_cmd = Command::new(qemu);
