@@ -166,6 +166,7 @@ enum Format {
 }
 
 /// A test program to run in the VM.
+#[derive(Clone)]
 struct Suite {
     name: String,
     path: PathBuf,
@@ -420,10 +421,7 @@ mod tests {
         assert_eq!((t.passed, t.failed), (3, 3));
 
         // A program that never ran has failed.
-        let mut more: Vec<Suite> = suites
-            .iter()
-            .map(|s| Suite::new(s.path.clone(), s.format))
-            .collect();
+        let mut more = suites.to_vec();
         more.push(Suite::new(PathBuf::from("/t/d-4"), Format::Libtest));
         let mut t = Tally::default();
         tally_vm_output(&out, &more, &mut t);
