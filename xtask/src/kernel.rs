@@ -637,6 +637,9 @@ fn build_selftests(cache: &Cache, obj: &Path, dest: &Path) -> Result<()> {
             obj.join("usr/include").display()
         ))
         .arg(format!("OUTPUT={}", out.display()));
+    // Programs of an earlier series (a test since removed) must not be
+    // carried over; make relinks the current ones from its objects.
+    remove_programs(&out)?;
     for cmd in [&mut headers, &mut tests] {
         let status = cmd
             .stdin(Stdio::null())
@@ -654,10 +657,32 @@ fn build_selftests(cache: &Cache, obj: &Path, dest: &Path) -> Result<()> {
     copy_programs(&out, dest)
 }
 
+fn is_program(path: &Path, meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.is_file() && meta.permissions().mode() & 0o111 != 0 && path.extension().is_none()
+}
+
+/// Removes the executables under `dir`, keeping objects for make to reuse.
+fn remove_programs(dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            remove_programs(&path)?;
+        } else if is_program(&path, &meta) {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies the executables under `from` (not objects or dependency files)
 /// to the same relative paths under `to`.
 fn copy_programs(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from)? {
         let entry = entry?;
@@ -665,7 +690,7 @@ fn copy_programs(from: &Path, to: &Path) -> Result<()> {
         let meta = entry.metadata()?;
         if meta.is_dir() {
             copy_programs(&path, &to.join(entry.file_name()))?;
-        } else if meta.permissions().mode() & 0o111 != 0 && path.extension().is_none() {
+        } else if is_program(&path, &meta) {
             fs::copy(&path, to.join(entry.file_name()))?;
         }
     }
