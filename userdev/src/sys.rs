@@ -1,0 +1,148 @@
+//! The raw uAPI, mirroring the `KVM_DEV_TYPE_USER` part of
+//! `include/uapi/linux/kvm.h` in `kernel-patch/0001-*.patch`.
+//!
+//! Layouts are checked at compile time below; the safe wrappers in this crate
+//! are the only users of the ioctl numbers.
+
+#![allow(non_camel_case_types)]
+
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+
+/// `KVM_DEV_TYPE_USER` in `enum kvm_device_type` (after `KVM_DEV_TYPE_RISCV_AIA`).
+pub const KVM_DEV_TYPE_USER: u32 = 12;
+
+pub const KVM_DEV_USER_GRP_RANGE: u32 = 1;
+pub const KVM_DEV_USER_GRP_CONFIG: u32 = 2;
+pub const KVM_DEV_USER_CONFIG_TIMEOUT_US: u64 = 0;
+pub const KVM_DEV_USER_GRP_STATS: u32 = 3;
+pub const KVM_DEV_USER_STAT_POSTED_STORES: u64 = 0;
+pub const KVM_DEV_USER_STAT_SHADOW_LOADS: u64 = 1;
+pub const KVM_DEV_USER_STAT_FORWARDED_LOADS: u64 = 2;
+pub const KVM_DEV_USER_STAT_TIMEOUTS: u64 = 3;
+pub const KVM_DEV_USER_STAT_DROPPED_STORES: u64 = 4;
+pub const KVM_DEV_USER_STAT_QUEUE_FULL_WAITS: u64 = 5;
+pub const KVM_DEV_USER_STAT_DETACHED_LOADS: u64 = 6;
+
+pub const KVM_USER_MAX_RANGES: u32 = 16;
+pub const KVM_USER_BUS_MMIO: u32 = 0;
+pub const KVM_USER_BUS_PIO: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvm_user_range {
+    pub bus: u32,
+    pub flags: u32,
+    pub addr: u64,
+    pub len: u64,
+}
+
+pub const KVM_USER_OP_LOAD: u8 = 0;
+pub const KVM_USER_OP_STORE: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvm_user_access {
+    pub seq: u64,
+    pub offset: u64,
+    pub data: u64,
+    pub range: u32,
+    pub vcpu: u16,
+    pub len: u8,
+    pub op: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvm_user_reply {
+    pub seq: u64,
+    pub data: u64,
+}
+
+pub const KVM_USER_RING_NEED_WAKE: u32 = 1 << 0;
+
+/// The ring's header; `records[]` follows at [`RING_RECORDS_OFFSET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct kvm_user_ring {
+    pub head: u32,
+    pub entries: u32,
+    pub flags: u32,
+    pub pad0: [u32; 13],
+    pub tail: u32,
+    pub pad1: [u32; 15],
+}
+
+pub const RING_HEAD_OFFSET: usize = 0;
+pub const RING_ENTRIES_OFFSET: usize = 4;
+pub const RING_FLAGS_OFFSET: usize = 8;
+pub const RING_TAIL_OFFSET: usize = 64;
+pub const RING_RECORDS_OFFSET: usize = 128;
+
+pub const KVM_USER_SHADOW_MMAP_OFFSET: u64 = 1 << 32;
+pub const KVM_USER_MAX_SHADOW_SIZE: u64 = 16 << 20;
+pub const KVM_USER_MAX_MAP_ENTRIES: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvm_user_map_entry {
+    pub range: u32,
+    pub sizes: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub shadow_offset: u64,
+}
+
+/// Header of `struct kvm_user_access_map`; `nr` entries follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvm_user_access_map {
+    pub nr: u32,
+    pub flags: u32,
+}
+
+const KVMIO: u32 = 0xAE;
+
+ioctl_io_nr!(KVM_USER_CREATE_SLAVE, KVMIO, 0xe4);
+ioctl_iow_nr!(KVM_USER_SET_SHADOW_SIZE, KVMIO, 0xe5, u64);
+ioctl_iow_nr!(KVM_USER_SET_ACCESS_MAP, KVMIO, 0xe6, kvm_user_access_map);
+ioctl_io_nr!(KVM_USER_WAKE, KVMIO, 0xe7);
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<kvm_user_range>() == 24);
+    assert!(size_of::<kvm_user_access>() == 32);
+    assert!(offset_of!(kvm_user_access, range) == 24);
+    assert!(offset_of!(kvm_user_access, vcpu) == 28);
+    assert!(offset_of!(kvm_user_access, len) == 30);
+    assert!(offset_of!(kvm_user_access, op) == 31);
+    assert!(size_of::<kvm_user_reply>() == 16);
+    assert!(size_of::<kvm_user_ring>() == RING_RECORDS_OFFSET);
+    assert!(offset_of!(kvm_user_ring, head) == RING_HEAD_OFFSET);
+    assert!(offset_of!(kvm_user_ring, entries) == RING_ENTRIES_OFFSET);
+    assert!(offset_of!(kvm_user_ring, flags) == RING_FLAGS_OFFSET);
+    assert!(offset_of!(kvm_user_ring, tail) == RING_TAIL_OFFSET);
+    assert!(size_of::<kvm_user_map_entry>() == 32);
+    assert!(size_of::<kvm_user_access_map>() == 8);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The numbers the kernel header's _IO/_IOW macros produce.
+    #[test]
+    fn ioctl_numbers_match_the_header() {
+        assert_eq!(KVM_USER_CREATE_SLAVE(), 0xae_e4);
+        assert_eq!(KVM_USER_SET_SHADOW_SIZE(), 0x4008_aee5);
+        assert_eq!(KVM_USER_SET_ACCESS_MAP(), 0x4008_aee6);
+        assert_eq!(KVM_USER_WAKE(), 0xae_e7);
+    }
+
+    #[test]
+    fn device_type_follows_riscv_aia() {
+        assert_eq!(
+            KVM_DEV_TYPE_USER,
+            kvm_bindings::kvm_device_type_KVM_DEV_TYPE_RISCV_AIA + 1
+        );
+    }
+}
