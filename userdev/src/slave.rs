@@ -177,17 +177,23 @@ impl Slave {
     /// Whatever `handle` does for a record (a shadow-image update above
     /// all) must be done when it returns: KVM serves loads from the shadow
     /// once that vCPU's stores are consumed.
-    pub fn consume(&self, mut handle: impl FnMut(&Access)) -> Result<u32> {
+    pub fn consume(&self, handle: impl FnMut(&Access)) -> Result<u32> {
+        self.consume_max(u32::MAX, handle)
+    }
+
+    /// As [`Slave::consume`], but takes at most `max` records: those that
+    /// [`Slave::pending`] counted, for a caller that must look at something
+    /// else between seeing records arrive and handling them.
+    pub fn consume_max(&self, max: u32, mut handle: impl FnMut(&Access)) -> Result<u32> {
         let head = self.ring_u32(sys::RING_HEAD_OFFSET).load(Ordering::Acquire);
         let tail_cell = self.ring_u32(sys::RING_TAIL_OFFSET);
         let tail = tail_cell.load(Ordering::Relaxed);
-        let n = head.wrapping_sub(tail);
+        // The kernel never has more than `entries` pending; anything else is
+        // a tail that someone else (a read() in another thread) moved.
+        let n = head.wrapping_sub(tail).min(self.entries).min(max);
         if n == 0 {
             return Ok(0);
         }
-        // The kernel never has more than `entries` pending; anything else is
-        // a tail that someone else (a read() in another thread) moved.
-        let n = n.min(self.entries);
         for i in 0..n {
             let slot = (tail.wrapping_add(i) & (self.entries - 1)) as usize;
             let p = self

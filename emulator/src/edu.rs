@@ -1,0 +1,421 @@
+//! An edu-compatible device, after QEMU's docs/specs/edu.rst: identification,
+//! liveness check, factorial, interrupt raise/acknowledge, and DMA between
+//! guest memory and a 4 KiB device buffer.
+//!
+//! Where QEMU computes the factorial in a thread and runs DMA from a timer,
+//! this model does both at once when it consumes the store. The guest sees
+//! the same protocol (poll the busy bit, or take the interrupt); it just
+//! never finds the device busy. Every load is free of side effects, so all
+//! registers are published in the shadow image.
+
+use crate::model::{DeviceModel, Env, PciIdentity, ShadowRegister};
+use userdev::Sizes;
+
+const ID: u64 = 0x00;
+const LIVENESS: u64 = 0x04;
+const FACTORIAL: u64 = 0x08;
+const STATUS: u64 = 0x20;
+const IRQ_STATUS: u64 = 0x24;
+const IRQ_RAISE: u64 = 0x60;
+const IRQ_ACK: u64 = 0x64;
+const DMA_SRC: u64 = 0x80;
+const DMA_DST: u64 = 0x88;
+const DMA_COUNT: u64 = 0x90;
+const DMA_CMD: u64 = 0x98;
+
+/// Major 1, minor 0, "ed".
+const IDENTIFICATION: u32 = 0x0100_00ed;
+const STATUS_COMPUTING: u32 = 0x01;
+const STATUS_IRQ_FACTORIAL: u32 = 0x80;
+const IRQ_FACTORIAL_DONE: u32 = 0x01;
+const IRQ_DMA_DONE: u32 = 0x100;
+const DMA_START: u64 = 0x01;
+const DMA_TO_RAM: u64 = 0x02;
+const DMA_IRQ: u64 = 0x04;
+/// The device buffer, as DMA addresses on the device side.
+pub const DMA_BUFFER: u64 = 0x40000;
+pub const DMA_BUFFER_SIZE: usize = 4096;
+
+pub const IDENTITY: PciIdentity = PciIdentity {
+    vendor: 0x1234,
+    device: 0x11e8,
+    revision: 0x10,
+    class: [0xff, 0x00, 0x00],
+    subsystem_vendor: 0x1af4,
+    subsystem: 0x1100,
+    bar0_size: 1 << 20,
+    msi_vectors: 1,
+};
+
+const fn reg(offset: u64, len: u64, sizes: Sizes) -> ShadowRegister {
+    ShadowRegister { offset, len, sizes }
+}
+
+/// The 32-bit registers take 4-byte loads; the DMA registers take 8-byte
+/// loads and 4-byte loads of their low half. Anything else reaches the model
+/// and reads all-ones, as on QEMU's device.
+const SHADOWED: &[ShadowRegister] = &[
+    reg(ID, 4, Sizes::B4),
+    reg(LIVENESS, 4, Sizes::B4),
+    reg(FACTORIAL, 4, Sizes::B4),
+    reg(STATUS, 4, Sizes::B4),
+    reg(IRQ_STATUS, 4, Sizes::B4),
+    reg(DMA_SRC, 8, Sizes::B8),
+    reg(DMA_SRC, 4, Sizes::B4),
+    reg(DMA_DST, 8, Sizes::B8),
+    reg(DMA_DST, 4, Sizes::B4),
+    reg(DMA_COUNT, 8, Sizes::B8),
+    reg(DMA_COUNT, 4, Sizes::B4),
+    reg(DMA_CMD, 8, Sizes::B8),
+    reg(DMA_CMD, 4, Sizes::B4),
+];
+
+#[derive(Debug)]
+pub struct Edu {
+    liveness: u32,
+    factorial: u32,
+    status: u32,
+    irq_status: u32,
+    dma_src: u64,
+    dma_dst: u64,
+    dma_count: u64,
+    dma_cmd: u64,
+    buffer: Box<[u8; DMA_BUFFER_SIZE]>,
+    /// DMA commands refused: a span outside the device buffer or guest RAM.
+    pub dma_errors: u64,
+}
+
+impl Default for Edu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Edu {
+    pub fn new() -> Self {
+        Edu {
+            liveness: 0,
+            factorial: 0,
+            status: 0,
+            irq_status: 0,
+            dma_src: 0,
+            dma_dst: 0,
+            dma_count: 0,
+            dma_cmd: 0,
+            buffer: Box::new([0; DMA_BUFFER_SIZE]),
+            dma_errors: 0,
+        }
+    }
+
+    fn register(&self, offset: u64) -> Option<u64> {
+        Some(match offset {
+            ID => IDENTIFICATION.into(),
+            LIVENESS => (!self.liveness).into(),
+            FACTORIAL => self.factorial.into(),
+            STATUS => self.status.into(),
+            IRQ_STATUS => self.irq_status.into(),
+            DMA_SRC => self.dma_src,
+            DMA_DST => self.dma_dst,
+            DMA_COUNT => self.dma_count,
+            DMA_CMD => self.dma_cmd,
+            _ => return None,
+        })
+    }
+
+    fn publish(&self, env: &mut dyn Env, offset: u64) {
+        let len = if offset >= DMA_SRC { 8 } else { 4 };
+        if let Some(v) = self.register(offset) {
+            env.publish(offset, len, v);
+        }
+    }
+
+    fn raise(&mut self, env: &mut dyn Env, bits: u32) {
+        self.irq_status |= bits;
+        self.publish(env, IRQ_STATUS);
+        if self.irq_status != 0 {
+            env.raise_irq();
+        }
+    }
+
+    fn acknowledge(&mut self, env: &mut dyn Env, bits: u32) {
+        self.irq_status &= !bits;
+        self.publish(env, IRQ_STATUS);
+        if self.irq_status == 0 {
+            env.lower_irq();
+        }
+    }
+
+    fn compute_factorial(&mut self, env: &mut dyn Env, n: u32) {
+        // 32-bit arithmetic, wrapping past 12!, as the specification's C does.
+        self.factorial = (2..=n).fold(1u32, |acc, k| acc.wrapping_mul(k));
+        self.status &= !STATUS_COMPUTING;
+        self.publish(env, FACTORIAL);
+        self.publish(env, STATUS);
+        if self.status & STATUS_IRQ_FACTORIAL != 0 {
+            self.raise(env, IRQ_FACTORIAL_DONE);
+        }
+    }
+
+    /// The device side of a DMA span, if it lies inside the buffer.
+    fn buffer_span(&self, addr: u64, count: usize) -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(addr.checked_sub(DMA_BUFFER)?).ok()?;
+        let end = start.checked_add(count)?;
+        (end <= DMA_BUFFER_SIZE).then_some(start..end)
+    }
+
+    fn run_dma(&mut self, env: &mut dyn Env) {
+        let count = usize::try_from(self.dma_count).unwrap_or(usize::MAX);
+        let ok = if self.dma_cmd & DMA_TO_RAM == 0 {
+            match self.buffer_span(self.dma_dst, count) {
+                Some(span) => env.read_guest(self.dma_src, &mut self.buffer[span]),
+                None => false,
+            }
+        } else {
+            match self.buffer_span(self.dma_src, count) {
+                Some(span) => env.write_guest(self.dma_dst, &self.buffer[span]),
+                None => false,
+            }
+        };
+        if !ok {
+            self.dma_errors += 1;
+        }
+        self.dma_cmd &= !DMA_START;
+        self.publish(env, DMA_CMD);
+        if self.dma_cmd & DMA_IRQ != 0 {
+            self.raise(env, IRQ_DMA_DONE);
+        }
+    }
+}
+
+impl DeviceModel for Edu {
+    fn identity(&self) -> PciIdentity {
+        IDENTITY
+    }
+
+    fn load(&mut self, _env: &mut dyn Env, offset: u64, len: u8) -> u64 {
+        let value = match (offset, len) {
+            (..DMA_SRC, 4) => self.register(offset),
+            (DMA_SRC.., 4) => self.register(offset).map(|v| v & 0xffff_ffff),
+            (DMA_SRC.., 8) => self.register(offset),
+            _ => None,
+        };
+        value.unwrap_or(!0)
+    }
+
+    fn store(&mut self, env: &mut dyn Env, offset: u64, len: u8, data: u64) {
+        let valid = match len {
+            4 => true,
+            8 => offset >= DMA_SRC,
+            _ => false,
+        };
+        if !valid {
+            return;
+        }
+        let low = data as u32;
+        match offset {
+            LIVENESS => {
+                self.liveness = low;
+                self.publish(env, LIVENESS);
+            }
+            FACTORIAL if self.status & STATUS_COMPUTING == 0 => {
+                self.status |= STATUS_COMPUTING;
+                self.compute_factorial(env, low);
+            }
+            STATUS => {
+                self.status = (self.status & !STATUS_IRQ_FACTORIAL) | (low & STATUS_IRQ_FACTORIAL);
+                self.publish(env, STATUS);
+            }
+            IRQ_RAISE => self.raise(env, low),
+            IRQ_ACK => self.acknowledge(env, low),
+            DMA_SRC => {
+                self.dma_src = data;
+                self.publish(env, DMA_SRC);
+            }
+            DMA_DST => {
+                self.dma_dst = data;
+                self.publish(env, DMA_DST);
+            }
+            DMA_COUNT => {
+                self.dma_count = data;
+                self.publish(env, DMA_COUNT);
+            }
+            DMA_CMD if self.dma_cmd & DMA_START == 0 => {
+                self.dma_cmd = data;
+                if data & DMA_START != 0 {
+                    self.run_dma(env);
+                } else {
+                    self.publish(env, DMA_CMD);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn shadow_registers(&self) -> &'static [ShadowRegister] {
+        SHADOWED
+    }
+
+    fn publish_all(&self, env: &mut dyn Env) {
+        for r in SHADOWED {
+            self.publish(env, r.offset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    struct FakeEnv {
+        ram: Vec<u8>,
+        level: bool,
+        raised: u32,
+        shadow: BTreeMap<u64, u64>,
+    }
+
+    impl Env for FakeEnv {
+        fn read_guest(&mut self, addr: u64, buf: &mut [u8]) -> bool {
+            let a = addr as usize;
+            match self.ram.get(a..a + buf.len()) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn write_guest(&mut self, addr: u64, buf: &[u8]) -> bool {
+            let a = addr as usize;
+            match self.ram.get_mut(a..a + buf.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(buf);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn raise_irq(&mut self) {
+            self.level = true;
+            self.raised += 1;
+        }
+        fn lower_irq(&mut self) {
+            self.level = false;
+        }
+        fn publish(&mut self, offset: u64, _len: u8, value: u64) {
+            self.shadow.insert(offset, value);
+        }
+    }
+
+    fn setup() -> (Edu, FakeEnv) {
+        let env = FakeEnv {
+            ram: vec![0; 0x10000],
+            ..Default::default()
+        };
+        (Edu::new(), env)
+    }
+
+    #[test]
+    fn identification_and_liveness() {
+        let (mut edu, mut env) = setup();
+        assert_eq!(edu.load(&mut env, ID, 4), 0x0100_00ed);
+        assert_eq!(edu.load(&mut env, LIVENESS, 4), 0xffff_ffff);
+        edu.store(&mut env, LIVENESS, 4, 0x1234_5678);
+        assert_eq!(edu.load(&mut env, LIVENESS, 4), 0xedcb_a987);
+        assert_eq!(env.shadow[&LIVENESS], 0xedcb_a987);
+        // Wrong sizes: ignored stores, all-ones loads.
+        edu.store(&mut env, LIVENESS, 2, 0);
+        assert_eq!(edu.load(&mut env, LIVENESS, 4), 0xedcb_a987);
+        assert_eq!(edu.load(&mut env, ID, 2), 0xffff_ffff_ffff_ffff);
+        assert_eq!(edu.load(&mut env, 0x10, 4), !0);
+    }
+
+    #[test]
+    fn factorial_with_and_without_interrupt() {
+        let (mut edu, mut env) = setup();
+        edu.store(&mut env, FACTORIAL, 4, 10);
+        assert_eq!(edu.load(&mut env, FACTORIAL, 4), 3_628_800);
+        assert_eq!(env.raised, 0);
+        edu.store(&mut env, FACTORIAL, 4, 0);
+        assert_eq!(edu.load(&mut env, FACTORIAL, 4), 1);
+        edu.store(&mut env, FACTORIAL, 4, 13);
+        assert_eq!(
+            edu.load(&mut env, FACTORIAL, 4),
+            6_227_020_800u64 as u32 as u64
+        );
+
+        edu.store(&mut env, STATUS, 4, 0x81);
+        assert_eq!(
+            edu.load(&mut env, STATUS, 4),
+            0x80,
+            "the busy bit is read-only"
+        );
+        edu.store(&mut env, FACTORIAL, 4, 5);
+        assert_eq!(edu.load(&mut env, FACTORIAL, 4), 120);
+        assert_eq!(edu.load(&mut env, IRQ_STATUS, 4), 1);
+        assert!(env.level);
+        edu.store(&mut env, IRQ_ACK, 4, 1);
+        assert!(!env.level);
+        assert_eq!(env.shadow[&IRQ_STATUS], 0);
+    }
+
+    #[test]
+    fn raise_and_acknowledge() {
+        let (mut edu, mut env) = setup();
+        edu.store(&mut env, IRQ_RAISE, 4, 0x1200);
+        edu.store(&mut env, IRQ_RAISE, 4, 0x0034);
+        assert_eq!(edu.load(&mut env, IRQ_STATUS, 4), 0x1234);
+        assert_eq!(env.raised, 2);
+        edu.store(&mut env, IRQ_ACK, 4, 0x1200);
+        assert!(env.level, "still pending");
+        edu.store(&mut env, IRQ_ACK, 4, 0x0034);
+        assert!(!env.level);
+    }
+
+    #[test]
+    fn dma_both_ways() {
+        let (mut edu, mut env) = setup();
+        for (i, b) in env.ram[0x1000..0x2000].iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        edu.store(&mut env, DMA_SRC, 8, 0x1000);
+        edu.store(&mut env, DMA_DST, 8, DMA_BUFFER);
+        edu.store(&mut env, DMA_COUNT, 8, 4096);
+        edu.store(&mut env, DMA_CMD, 8, DMA_START | DMA_IRQ);
+        assert_eq!(edu.load(&mut env, DMA_CMD, 8), DMA_IRQ);
+        assert_eq!(edu.load(&mut env, IRQ_STATUS, 4), 0x100);
+        // Back to another place, at an offset inside the buffer, 4-byte
+        // register stores.
+        edu.store(&mut env, DMA_SRC, 4, DMA_BUFFER + 0x10);
+        edu.store(&mut env, DMA_DST, 4, 0x3000);
+        edu.store(&mut env, DMA_COUNT, 4, 32);
+        edu.store(&mut env, DMA_CMD, 4, DMA_START | DMA_TO_RAM);
+        assert_eq!(env.ram[0x3000..0x3020], env.ram[0x1010..0x1030]);
+        assert_eq!(edu.dma_errors, 0);
+        // Past the buffer's end, and outside RAM: refused, and the command
+        // still completes.
+        edu.store(&mut env, DMA_SRC, 8, DMA_BUFFER + 4095);
+        edu.store(&mut env, DMA_COUNT, 8, 2);
+        edu.store(&mut env, DMA_CMD, 8, DMA_START | DMA_TO_RAM);
+        edu.store(&mut env, DMA_SRC, 8, DMA_BUFFER);
+        edu.store(&mut env, DMA_DST, 8, 0xffff_0000);
+        edu.store(&mut env, DMA_CMD, 8, DMA_START | DMA_TO_RAM);
+        assert_eq!(edu.dma_errors, 2);
+        assert_eq!(edu.load(&mut env, DMA_CMD, 8) & DMA_START, 0);
+        // Only the low half of a DMA register at its own offset.
+        assert_eq!(edu.load(&mut env, DMA_DST + 4, 4), !0);
+        assert_eq!(edu.load(&mut env, DMA_DST, 4), 0xffff_0000);
+    }
+
+    #[test]
+    fn publish_all_covers_the_map() {
+        let (edu, mut env) = setup();
+        edu.publish_all(&mut env);
+        for r in SHADOWED {
+            assert!(env.shadow.contains_key(&r.offset));
+        }
+        assert_eq!(env.shadow[&ID], 0x0100_00ed);
+        assert_eq!(env.shadow[&LIVENESS], 0xffff_ffff);
+    }
+}

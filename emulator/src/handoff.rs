@@ -1,0 +1,351 @@
+//! What the VMM hands an emulator at start, and tells it later.
+//!
+//! One `SOCK_SEQPACKET` pair per emulator: the VMM sends one setup message
+//! with the descriptors attached (`SCM_RIGHTS`), then control messages
+//! (the guest enabled or disabled MSI). Messages are short text, one
+//! `key value...` per line, so that a trace of the socket reads plainly.
+//! The emulator takes them from its VMM, which it trusts; what it does not
+//! trust is the guest.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const MAGIC: &str = "kvm-userdev-setup 1";
+const MAX_MESSAGE: usize = 4096;
+/// Slave, memory, INTx pair, MSI vectors.
+pub const MAX_FDS: usize = 4 + MAX_MSI_VECTORS;
+pub const MAX_MSI_VECTORS: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("handoff socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("the VMM closed the handoff socket before the setup")]
+    Closed,
+    #[error("bad setup message: {0}")]
+    Bad(String),
+}
+
+/// A piece of guest RAM in the memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemRegion {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
+
+/// The setup message, without its descriptors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setup {
+    /// Which device model to run (`edu`).
+    pub model: String,
+    pub memory: Vec<MemRegion>,
+    /// INTx irqfd and its resample fd are attached.
+    pub intx: bool,
+    /// MSI irqfds attached, one per vector.
+    pub msi_vectors: u32,
+    /// Whether the guest has MSI enabled right now.
+    pub msi_enabled: bool,
+    /// Publish registers in the shadow image (off: every load is forwarded).
+    pub shadow: bool,
+    /// BAR0 offsets left out of the access map even if the model could
+    /// publish them (for measuring forwarded loads).
+    pub forward: Vec<u64>,
+}
+
+/// The descriptors of a setup, in the order they travel.
+#[derive(Debug)]
+pub struct SetupFds {
+    pub slave: OwnedFd,
+    pub memory: OwnedFd,
+    /// (irqfd, resample fd)
+    pub intx: Option<(OwnedFd, OwnedFd)>,
+    pub msi: Vec<OwnedFd>,
+}
+
+/// A message after the setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    MsiEnabled(bool),
+}
+
+/// A connected `SOCK_SEQPACKET` pair (close-on-exec), as `UnixDatagram`s:
+/// std has no seqpacket type, and send/recv behave the same on it.
+pub fn socketpair() -> io::Result<(UnixDatagram, UnixDatagram)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into `fds` on success.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe {
+        (
+            UnixDatagram::from_raw_fd(fds[0]),
+            UnixDatagram::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+fn flag(b: bool) -> u8 {
+    b.into()
+}
+
+impl Setup {
+    pub fn encode(&self) -> String {
+        let mut s = format!("{MAGIC}\nmodel {}\n", self.model);
+        for m in &self.memory {
+            s += &format!(
+                "memory {:#x} {:#x} {:#x}\n",
+                m.guest_addr, m.len, m.file_offset
+            );
+        }
+        s += &format!(
+            "intx {}\nmsi-vectors {}\nmsi-enabled {}\nshadow {}\n",
+            flag(self.intx),
+            self.msi_vectors,
+            flag(self.msi_enabled),
+            flag(self.shadow)
+        );
+        for f in &self.forward {
+            s += &format!("forward {f:#x}\n");
+        }
+        s
+    }
+
+    pub fn decode(text: &str) -> Result<Self, HandoffError> {
+        let bad = |what: &str| HandoffError::Bad(what.to_string());
+        let mut lines = text.lines();
+        if lines.next() != Some(MAGIC) {
+            return Err(bad("not a kvm-userdev setup (version 1)"));
+        }
+        let mut setup = Setup {
+            model: String::new(),
+            memory: Vec::new(),
+            intx: false,
+            msi_vectors: 0,
+            msi_enabled: false,
+            shadow: true,
+            forward: Vec::new(),
+        };
+        for line in lines {
+            let mut w = line.split_whitespace();
+            let key = w.next().unwrap_or("");
+            let args: Vec<&str> = w.collect();
+            let num = |i: usize| -> Result<u64, HandoffError> {
+                let a = args.get(i).ok_or_else(|| bad(line))?;
+                parse_u64(a).ok_or_else(|| bad(line))
+            };
+            let one = || -> Result<bool, HandoffError> {
+                match args.as_slice() {
+                    ["0"] => Ok(false),
+                    ["1"] => Ok(true),
+                    _ => Err(bad(line)),
+                }
+            };
+            match key {
+                "model" if args.len() == 1 => setup.model = args[0].to_string(),
+                "memory" if args.len() == 3 => setup.memory.push(MemRegion {
+                    guest_addr: num(0)?,
+                    len: num(1)?,
+                    file_offset: num(2)?,
+                }),
+                "intx" => setup.intx = one()?,
+                "msi-vectors" if args.len() == 1 => {
+                    setup.msi_vectors = u32::try_from(num(0)?)
+                        .ok()
+                        .filter(|&n| n as usize <= MAX_MSI_VECTORS)
+                        .ok_or_else(|| bad(line))?
+                }
+                "msi-enabled" => setup.msi_enabled = one()?,
+                "shadow" => setup.shadow = one()?,
+                "forward" if args.len() == 1 => setup.forward.push(num(0)?),
+                "" => {}
+                _ => return Err(bad(line)),
+            }
+        }
+        if setup.model.is_empty() || setup.memory.is_empty() {
+            return Err(bad("no model or no memory"));
+        }
+        Ok(setup)
+    }
+
+    /// How many descriptors travel with this setup.
+    pub fn fd_count(&self) -> usize {
+        2 + if self.intx { 2 } else { 0 } + self.msi_vectors as usize
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Sends the setup with its descriptors: slave, memory, [INTx irqfd,
+/// resample fd,] MSI irqfds.
+pub fn send_setup(
+    sock: &UnixDatagram,
+    setup: &Setup,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), HandoffError> {
+    let text = setup.encode();
+    if fds.len() != setup.fd_count() || text.len() > MAX_MESSAGE {
+        return Err(HandoffError::Bad(format!(
+            "{} descriptors for a setup that needs {}",
+            fds.len(),
+            setup.fd_count()
+        )));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    sock.send_with_fds(&[text.as_bytes()], &raw)
+        .map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Receives the setup (blocking) and takes ownership of its descriptors.
+pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut raw = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec covers `buf`, which may take any bytes.
+    let (len, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw) }.map_err(io::Error::from)?;
+    // SAFETY: the first `nfds` entries are descriptors the kernel just
+    // installed for us; nothing else owns them.
+    let mut fds: Vec<OwnedFd> = raw[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if len == 0 && nfds == 0 {
+        return Err(HandoffError::Closed);
+    }
+    let text =
+        std::str::from_utf8(&buf[..len]).map_err(|_| HandoffError::Bad("not UTF-8".into()))?;
+    let setup = Setup::decode(text)?;
+    if fds.len() != setup.fd_count() {
+        return Err(HandoffError::Bad(format!(
+            "{} descriptors for a setup that needs {}",
+            fds.len(),
+            setup.fd_count()
+        )));
+    }
+    let msi = fds.split_off(2 + if setup.intx { 2 } else { 0 });
+    let intx = if setup.intx {
+        let resample = fds.pop().expect("counted");
+        let irqfd = fds.pop().expect("counted");
+        Some((irqfd, resample))
+    } else {
+        None
+    };
+    let memory = fds.pop().expect("counted");
+    let slave = fds.pop().expect("counted");
+    Ok((
+        setup,
+        SetupFds {
+            slave,
+            memory,
+            intx,
+            msi,
+        },
+    ))
+}
+
+impl Control {
+    pub fn encode(&self) -> String {
+        match self {
+            Control::MsiEnabled(on) => format!("msi-enabled {}", flag(*on)),
+        }
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        match text.trim() {
+            "msi-enabled 0" => Some(Control::MsiEnabled(false)),
+            "msi-enabled 1" => Some(Control::MsiEnabled(true)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn setup() -> Setup {
+        Setup {
+            model: "edu".into(),
+            memory: vec![MemRegion {
+                guest_addr: 0,
+                len: 0x1000_0000,
+                file_offset: 0,
+            }],
+            intx: true,
+            msi_vectors: 1,
+            msi_enabled: false,
+            shadow: true,
+            forward: vec![0x20],
+        }
+    }
+
+    #[test]
+    fn setup_round_trip() {
+        let s = setup();
+        assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
+        assert_eq!(s.fd_count(), 5);
+    }
+
+    #[test]
+    fn bad_setups_refused() {
+        for text in [
+            "",
+            "kvm-userdev-setup 2\nmodel edu\nmemory 0 1 0\n",
+            "kvm-userdev-setup 1\nmodel edu\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 x 0\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nintx 2\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nmsi-vectors 33\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nwhat 1\n",
+        ] {
+            assert!(Setup::decode(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn control_round_trip() {
+        for c in [Control::MsiEnabled(true), Control::MsiEnabled(false)] {
+            assert_eq!(Control::decode(&c.encode()), Some(c));
+        }
+        assert_eq!(Control::decode("msi-enabled"), None);
+    }
+
+    // Descriptors arrive in order and owned; the count is checked.
+    #[test]
+    fn descriptors_travel() {
+        let (a, b) = socketpair().unwrap();
+        let files: Vec<std::fs::File> = (0..5)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+        send_setup(&a, &setup(), &fds).unwrap();
+        let (s, got) = recv_setup(&b).unwrap();
+        assert_eq!(s, setup());
+        assert!(got.intx.is_some());
+        assert_eq!(got.msi.len(), 1);
+        assert!(send_setup(&a, &setup(), &fds[..4]).is_err());
+        drop(a);
+        assert!(matches!(recv_setup(&b), Err(HandoffError::Closed)));
+    }
+}

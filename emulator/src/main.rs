@@ -1,0 +1,128 @@
+//! `kvm-userdev-emulator`: serves one user device for a VMM that started it
+//! in fresh namespaces with the handoff socket as a descriptor.
+//!
+//! Usage: `kvm-userdev-emulator [--socket-fd N]` (default 3); built with the
+//! `sandbox-probe` feature also `--probe open|socket|execve`, which tries
+//! that system call once sandboxed (tests check that it is refused).
+
+use std::error::Error;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::process::ExitCode;
+
+use emulator::edu::Edu;
+use emulator::handoff::recv_setup;
+use emulator::model::DeviceModel;
+use emulator::sandbox;
+use emulator::serve::{access_map, map_memory, serve, Intx, Looper, Platform, SHADOW_SIZE};
+use userdev::Slave;
+use vmm_sys_util::eventfd::EventFd;
+
+struct Args {
+    socket_fd: RawFd,
+    probe: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        socket_fd: 3,
+        probe: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--socket-fd" => {
+                let v = it.next().ok_or("--socket-fd needs a number")?;
+                args.socket_fd = v
+                    .parse()
+                    .map_err(|_| format!("--socket-fd {v}: not a number"))?;
+            }
+            "--probe" if cfg!(feature = "sandbox-probe") => {
+                args.probe = Some(it.next().ok_or("--probe needs open, socket or execve")?);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn eventfd(fd: OwnedFd) -> EventFd {
+    // SAFETY: the VMM sent an eventfd, and `fd` owns it; EventFd takes over.
+    unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
+    let args = parse_args()?;
+    if args.socket_fd <= 2 {
+        return Err(format!("--socket-fd {} is a standard stream", args.socket_fd).into());
+    }
+    // SAFETY: the VMM started us with the handoff socket at this descriptor,
+    // which nothing else in this process owns.
+    let control = unsafe { UnixDatagram::from_raw_fd(args.socket_fd) };
+    let (setup, fds) = recv_setup(&control)?;
+    control.set_nonblocking(true)?;
+
+    let mut model: Box<dyn DeviceModel> = match setup.model.as_str() {
+        "edu" => Box::new(Edu::new()),
+        other => return Err(format!("unknown device model {other:?}").into()),
+    };
+    let slave = Slave::new(fds.slave)?;
+    let shadow = if setup.shadow {
+        Some(slave.create_shadow(SHADOW_SIZE)?)
+    } else {
+        None
+    };
+    let mut platform = Platform {
+        memory: map_memory(fds.memory, &setup.memory)?,
+        shadow,
+        intx: fds
+            .intx
+            .map(|(irq, resample)| Intx::new(eventfd(irq), eventfd(resample))),
+        msi: fds.msi.into_iter().map(eventfd).collect(),
+        msi_enabled: setup.msi_enabled,
+        irq_errors: 0,
+    };
+    let looper = Looper::new(&slave, &control, &platform)?;
+
+    let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
+    irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
+    let report = sandbox::enter(&sandbox::Fds {
+        slave: slave.as_raw_fd(),
+        control: control.as_raw_fd(),
+        epoll: looper.poll.as_raw_fd(),
+        resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
+        irqfds,
+    })?;
+    eprintln!(
+        "emulator[{}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
+        setup.model,
+        sandbox::NOBODY,
+        report.landlock,
+        report.syscalls
+    );
+    #[cfg(feature = "sandbox-probe")]
+    if let Some(what) = &args.probe {
+        eprintln!("{}", sandbox::probe(what));
+    }
+    #[cfg(not(feature = "sandbox-probe"))]
+    let _ = &args.probe;
+
+    // Only now is guest-controlled data read: the ring, guest memory.
+    if setup.shadow {
+        model.publish_all(&mut platform);
+        slave.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
+    }
+    let exit = serve(looper, &slave, &control, &mut platform, model.as_mut())?;
+    eprintln!("emulator[{}]: done ({exit:?})", setup.model);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("emulator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

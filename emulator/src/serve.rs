@@ -1,0 +1,289 @@
+//! The emulator's event loop: guest accesses from the slave's ring,
+//! control messages from the VMM, and INTx resampling, on one mio poll.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::handoff::Control;
+use crate::model::{DeviceModel, Env};
+use userdev::{Access, MapEntry, Op, Reply, Shadow, Slave};
+
+/// The range id the VMM gives BAR0.
+pub const BAR0_RANGE: u32 = 0;
+/// The shadow image mirrors BAR0's first page at the same offsets.
+pub const SHADOW_SIZE: usize = 4096;
+
+const SLAVE: Token = Token(0);
+const CONTROL: Token = Token(1);
+const RESAMPLE: Token = Token(2);
+
+/// INTx as an irqfd with a resample fd: the line stays high from a trigger
+/// until the guest's EOI, when KVM signals the resample fd; if the device
+/// still wants the line high, trigger again.
+pub struct Intx {
+    pub irqfd: EventFd,
+    pub resample: EventFd,
+    high: bool,
+}
+
+impl Intx {
+    pub fn new(irqfd: EventFd, resample: EventFd) -> Self {
+        Intx {
+            irqfd,
+            resample,
+            high: false,
+        }
+    }
+}
+
+/// The device's world as the emulator process sees it.
+pub struct Platform {
+    pub memory: GuestMemoryMmap,
+    pub shadow: Option<Shadow>,
+    pub intx: Option<Intx>,
+    pub msi: Vec<EventFd>,
+    pub msi_enabled: bool,
+    /// Triggers that failed (the irqfd's counter is full: cannot happen
+    /// with KVM consuming it, but never panic on it).
+    pub irq_errors: u64,
+}
+
+impl Platform {
+    fn trigger(fd: &EventFd, errors: &mut u64) {
+        if fd.write(1).is_err() {
+            *errors += 1;
+        }
+    }
+
+    /// The guest EOIed INTx: re-assert while the device still wants it.
+    fn resample(&mut self) {
+        if let Some(intx) = &self.intx {
+            let _ = intx.resample.read();
+            if intx.high && !self.msi_enabled {
+                Self::trigger(&intx.irqfd, &mut self.irq_errors);
+            }
+        }
+    }
+}
+
+impl Env for Platform {
+    fn read_guest(&mut self, addr: u64, buf: &mut [u8]) -> bool {
+        self.memory.read_slice(buf, GuestAddress(addr)).is_ok()
+    }
+
+    fn write_guest(&mut self, addr: u64, buf: &[u8]) -> bool {
+        self.memory.write_slice(buf, GuestAddress(addr)).is_ok()
+    }
+
+    fn raise_irq(&mut self) {
+        if self.msi_enabled {
+            if let Some(fd) = self.msi.first() {
+                Self::trigger(fd, &mut self.irq_errors);
+            }
+        } else if let Some(intx) = &mut self.intx {
+            intx.high = true;
+            Self::trigger(&intx.irqfd, &mut self.irq_errors);
+        }
+    }
+
+    fn lower_irq(&mut self) {
+        // KVM drops the line at the EOI; not triggering again keeps it low.
+        if let Some(intx) = &mut self.intx {
+            intx.high = false;
+        }
+    }
+
+    fn publish(&mut self, offset: u64, len: u8, value: u64) {
+        let Some(shadow) = &self.shadow else { return };
+        let offset = offset as usize;
+        // Registers outside the image are simply not shadowed.
+        let _ = match len {
+            8 => shadow.write(offset, value),
+            4 => shadow.write(offset, value as u32),
+            2 => shadow.write(offset, value as u16),
+            _ => shadow.write(offset, value as u8),
+        };
+    }
+}
+
+/// The access map for `model`'s shadowed registers inside the image,
+/// leaving out the offsets in `forward`.
+pub fn access_map(model: &dyn DeviceModel, forward: &[u64]) -> Vec<MapEntry> {
+    model
+        .shadow_registers()
+        .iter()
+        .filter(|r| r.offset + r.len <= SHADOW_SIZE as u64)
+        .filter(|r| !forward.contains(&r.offset))
+        .map(|r| MapEntry {
+            range: BAR0_RANGE,
+            offset: r.offset,
+            len: r.len,
+            shadow_offset: r.offset,
+            sizes: r.sizes,
+        })
+        .collect()
+}
+
+/// Why the loop ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// The VM (and with it the device) is gone.
+    DeviceGone,
+    /// The VMM closed the control socket.
+    VmmGone,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("poll: {0}")]
+    Poll(#[from] io::Error),
+    #[error("user device: {0}")]
+    Device(#[from] userdev::Error),
+}
+
+/// The poll instance with every source registered, made before the
+/// sandbox (whose filter pins epoll_wait to it) goes up.
+pub struct Looper {
+    pub poll: Poll,
+}
+
+impl Looper {
+    pub fn new(slave: &Slave, control: &UnixDatagram, platform: &Platform) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let reg = poll.registry();
+        reg.register(&mut SourceFd(&slave.as_raw_fd()), SLAVE, Interest::READABLE)?;
+        reg.register(
+            &mut SourceFd(&control.as_raw_fd()),
+            CONTROL,
+            Interest::READABLE,
+        )?;
+        if let Some(intx) = &platform.intx {
+            reg.register(
+                &mut SourceFd(&intx.resample.as_raw_fd()),
+                RESAMPLE,
+                Interest::READABLE,
+            )?;
+        }
+        Ok(Looper { poll })
+    }
+}
+
+/// Serves the device until the VM or the VMM goes away.
+pub fn serve(
+    mut looper: Looper,
+    slave: &Slave,
+    control: &UnixDatagram,
+    platform: &mut Platform,
+    model: &mut dyn DeviceModel,
+) -> Result<Exit, ServeError> {
+    let mut events = Events::with_capacity(8);
+    let mut replies = Vec::with_capacity(64);
+    loop {
+        match looper.poll.poll(&mut events, None) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+        for event in events.iter() {
+            match event.token() {
+                CONTROL if !drain_control(control, platform) => return Ok(Exit::VmmGone),
+                RESAMPLE => platform.resample(),
+                SLAVE if event.is_read_closed() => return Ok(Exit::DeviceGone),
+                _ => {}
+            }
+        }
+        match serve_ring(slave, control, platform, model, &mut replies) {
+            Ok(()) => {}
+            Err(userdev::Error::DeviceGone) => return Ok(Exit::DeviceGone),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Consumes the ring until it is empty.
+fn serve_ring(
+    slave: &Slave,
+    control: &UnixDatagram,
+    platform: &mut Platform,
+    model: &mut dyn DeviceModel,
+    replies: &mut Vec<Reply>,
+) -> userdev::Result<()> {
+    loop {
+        // Snapshot the head before reading control messages: a message the
+        // VMM sent before a vCPU made one of these accesses (MSI enabled,
+        // then a store that raises) is then already in the socket.
+        let pending = slave.pending();
+        if pending == 0 {
+            return Ok(());
+        }
+        drain_control(control, platform);
+        replies.clear();
+        slave.consume_max(pending, |a: &Access| handle(a, platform, model, replies))?;
+        if !replies.is_empty() {
+            slave.reply(replies)?;
+        }
+    }
+}
+
+fn handle(
+    a: &Access,
+    platform: &mut Platform,
+    model: &mut dyn DeviceModel,
+    replies: &mut Vec<Reply>,
+) {
+    // Only BAR0 is ours; anything else answers like a master abort.
+    match (a.op, a.range == BAR0_RANGE) {
+        (Op::Store, true) => model.store(platform, a.offset, a.len, a.data),
+        (Op::Load, true) => replies.push(Reply {
+            seq: a.seq,
+            data: model.load(platform, a.offset, a.len),
+        }),
+        (Op::Load, false) => replies.push(Reply {
+            seq: a.seq,
+            data: !0,
+        }),
+        (Op::Store, false) => {}
+    }
+}
+
+/// Applies pending control messages; false once the VMM has gone.
+fn drain_control(control: &UnixDatagram, platform: &mut Platform) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match control.recv(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => match std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(Control::decode)
+            {
+                Some(Control::MsiEnabled(on)) => platform.msi_enabled = on,
+                None => eprintln!("emulator: ignoring unknown control message"),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Guest memory from the VMM's memory file.
+pub fn map_memory(
+    file: OwnedFd,
+    regions: &[crate::handoff::MemRegion],
+) -> Result<GuestMemoryMmap, String> {
+    let file = std::sync::Arc::new(std::fs::File::from(file));
+    let ranges: Vec<_> = regions
+        .iter()
+        .map(|r| {
+            let f = vm_memory::FileOffset::from_arc(file.clone(), r.file_offset);
+            (GuestAddress(r.guest_addr), r.len as usize, Some(f))
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| e.to_string())
+}
