@@ -8,7 +8,7 @@
 //! trust is the guest.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -198,7 +198,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 pub fn send_setup(
     sock: &UnixDatagram,
     setup: &Setup,
-    fds: &[BorrowedFd<'_>],
+    fds: &[&dyn AsRawFd],
 ) -> Result<(), HandoffError> {
     let text = setup.encode();
     if fds.len() != setup.fd_count() || text.len() > MAX_MESSAGE {
@@ -283,7 +283,6 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     fn setup() -> Setup {
         Setup {
@@ -338,7 +337,7 @@ mod tests {
         let files: Vec<std::fs::File> = (0..5)
             .map(|_| std::fs::File::open("/dev/null").unwrap())
             .collect();
-        let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<&dyn AsRawFd> = files.iter().map(|f| f as &dyn AsRawFd).collect();
         send_setup(&a, &setup(), &fds).unwrap();
         let (s, got) = recv_setup(&b).unwrap();
         assert_eq!(s, setup());

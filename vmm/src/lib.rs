@@ -1,9 +1,20 @@
 //! A minimal KVM VMM for kvm-userdev's tests and benchmarks.
 //!
-//! So far it holds [`RealModeVm`]: one vCPU in real mode over a small
-//! anonymous memory slot, enough for the nested-KVM smoke test. The PCI
-//! machine that hosts user devices and spawns emulators comes with issue 4.
+//! [`machine::Machine`] boots a PVH guest payload ([`boot`]) with RAM in a
+//! shared memfd ([`memory`]), the in-kernel irqchip ([`irq`]) and PCI bus 0
+//! ([`pci`]), on which every device is a `KVM_DEV_TYPE_USER` device served by
+//! its own sandboxed emulator process ([`device`], started by [`spawn`]).
+//! The VMM handles only the slow path: configuration space, BAR moves, MSI
+//! routing, and emulators that end. [`RealModeVm`] is the tiny guest of the
+//! nested-KVM smoke test.
 
+pub mod boot;
+pub mod device;
+pub mod irq;
+pub mod machine;
+pub mod memory;
+pub mod pci;
 mod realmode;
+pub mod spawn;
 
 pub use realmode::{Error, RealModeVm};

@@ -1,0 +1,275 @@
+//! A PCI device whose BAR0 is a user device served by an emulator process,
+//! and the supervision of that process: start, report its end, restart.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+use emulator::handoff::{self, Control, MemRegion, Setup};
+use userdev::{Master, Range, Stats};
+
+use crate::spawn::{self, Child, ExitStatus};
+
+/// How to start this device's emulators.
+#[derive(Clone, Debug)]
+pub struct EmulatorSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub model: String,
+    pub shadow: bool,
+    pub forward: Vec<u64>,
+    /// Start a new emulator (through a new slave) when one ends.
+    pub restart: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("user device: {0}")]
+    UserDev(#[from] userdev::Error),
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handoff: {0}")]
+    Handoff(#[from] handoff::HandoffError),
+    #[error("KVM: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
+    move |source| DeviceError::Io { op, source }
+}
+
+/// The emulator side, shared with the thread that waits for it.
+struct Supervised {
+    child: Option<Child>,
+    control: Option<UnixDatagram>,
+    /// Bumped whenever an emulator ends.
+    generation: u64,
+    exits: Vec<ExitStatus>,
+    msi_enabled: bool,
+}
+
+pub struct UserDevice {
+    pub name: String,
+    pub master: Master,
+    spec: EmulatorSpec,
+    memory_file: std::fs::File,
+    memory: Vec<MemRegion>,
+    intx: EventFd,
+    resample: EventFd,
+    msi: EventFd,
+    state: Mutex<Supervised>,
+    ended: Condvar,
+}
+
+const RANGE_BAR0: u32 = emulator::serve::BAR0_RANGE;
+
+fn eventfd() -> Result<EventFd, DeviceError> {
+    EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(io("eventfd"))
+}
+
+impl UserDevice {
+    /// Creates the user device and its interrupt plumbing: INTx on
+    /// `intx_gsi` with a resample fd, MSI on `msi_gsi`.
+    pub fn new(
+        vm: &VmFd,
+        name: String,
+        spec: EmulatorSpec,
+        memory_file: BorrowedFd<'_>,
+        memory: Vec<MemRegion>,
+        intx_gsi: u32,
+        msi_gsi: u32,
+    ) -> Result<Arc<Self>, DeviceError> {
+        let master = Master::create(vm)?;
+        let (intx, resample, msi) = (eventfd()?, eventfd()?, eventfd()?);
+        vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)?;
+        vm.register_irqfd(&msi, msi_gsi)?;
+        let memory_file = std::fs::File::from(
+            memory_file
+                .try_clone_to_owned()
+                .map_err(io("dup memory fd"))?,
+        );
+        Ok(Arc::new(UserDevice {
+            name,
+            master,
+            spec,
+            memory_file,
+            memory,
+            intx,
+            resample,
+            msi,
+            state: Mutex::new(Supervised {
+                child: None,
+                control: None,
+                generation: 0,
+                exits: Vec::new(),
+                msi_enabled: false,
+            }),
+            ended: Condvar::new(),
+        }))
+    }
+
+    /// Places BAR0 at `addr` (moving it if needed) or, with `None`,
+    /// removes it.
+    pub fn set_bar0(&self, addr: Option<u64>, size: u64) -> Result<(), DeviceError> {
+        match addr {
+            Some(a) => self.master.set_range(RANGE_BAR0, Range::mmio(a, size))?,
+            None => self.master.remove_range(RANGE_BAR0)?,
+        }
+        Ok(())
+    }
+
+    /// The guest turned MSI on or off: tell the emulator, which picks the
+    /// irqfd. Sent before the vCPU resumes, so it precedes the guest's next
+    /// access to the device.
+    pub fn set_msi_enabled(&self, on: bool) {
+        let mut st = self.state.lock().expect("device lock");
+        st.msi_enabled = on;
+        if let Some(c) = &st.control {
+            // A dead emulator's socket fails; its successor gets the state
+            // in its setup.
+            let _ = c.send(Control::MsiEnabled(on).encode().as_bytes());
+        }
+    }
+
+    pub fn stats(&self) -> Result<Stats, DeviceError> {
+        Ok(self.master.stats()?)
+    }
+
+    /// How the emulators of this device ended so far.
+    pub fn exits(&self) -> Vec<ExitStatus> {
+        self.state.lock().expect("device lock").exits.clone()
+    }
+
+    /// Starts the first emulator and the thread that supervises it.
+    pub fn start(self: &Arc<Self>) -> Result<(), DeviceError> {
+        let mut st = self.state.lock().expect("device lock");
+        self.start_locked(&mut st)?;
+        drop(st);
+        let dev = self.clone();
+        std::thread::Builder::new()
+            .name(format!("supervise-{}", self.name))
+            .spawn(move || dev.supervise())
+            .map_err(io("supervisor thread"))?;
+        Ok(())
+    }
+
+    fn start_locked(&self, st: &mut Supervised) -> Result<(), DeviceError> {
+        let slave = self.create_slave()?;
+        let (ours, theirs) = handoff::socketpair().map_err(io("socketpair"))?;
+        let child = spawn::spawn(&self.spec.program, &self.spec.args, &theirs)
+            .map_err(io("start emulator"))?;
+        drop(theirs);
+        let setup = Setup {
+            model: self.spec.model.clone(),
+            memory: self.memory.clone(),
+            intx: true,
+            msi_vectors: 1,
+            msi_enabled: st.msi_enabled,
+            shadow: self.spec.shadow,
+            forward: self.spec.forward.clone(),
+        };
+        let fds: [&dyn AsRawFd; 5] = [
+            &slave,
+            &self.memory_file,
+            &self.intx,
+            &self.resample,
+            &self.msi,
+        ];
+        // If the emulator died already, the send fails or goes nowhere; the
+        // supervisor reports its end either way.
+        if let Err(e) = handoff::send_setup(&ours, &setup, &fds) {
+            eprintln!(
+                "vmm: {}: handing descriptors to emulator pid {}: {e}",
+                self.name, child.pid
+            );
+        }
+        eprintln!("vmm: {}: emulator pid {} started", self.name, child.pid);
+        st.child = Some(child);
+        st.control = Some(ours);
+        Ok(())
+    }
+
+    /// A new slave, once the previous one is released: the kernel releases
+    /// it when the last reference (the dead emulator's descriptor and
+    /// mappings) goes, which is done by the time the process is reaped;
+    /// retry briefly all the same.
+    fn create_slave(&self) -> Result<std::os::fd::OwnedFd, DeviceError> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.master.create_slave(true) {
+                Err(userdev::Error::SlaveAttached) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    fn supervise(&self) {
+        loop {
+            let pid = match &self.state.lock().expect("device lock").child {
+                Some(c) => c.pid,
+                None => return,
+            };
+            let status = match spawn::wait(pid) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("vmm: {}: waiting for emulator pid {pid}: {e}", self.name);
+                    return;
+                }
+            };
+            let mut st = self.state.lock().expect("device lock");
+            eprintln!("vmm: {}: emulator pid {pid} {status}", self.name);
+            st.child = None;
+            st.control = None;
+            st.exits.push(status);
+            st.generation += 1;
+            let restarted = self.spec.restart && {
+                match self.start_locked(&mut st) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!("vmm: {}: restart failed: {e}", self.name);
+                        false
+                    }
+                }
+            };
+            self.ended.notify_all();
+            if !restarted {
+                eprintln!("vmm: {}: no emulator; the guest sees all-ones", self.name);
+                return;
+            }
+        }
+    }
+
+    /// Kills the current emulator and waits until it has ended (and, with
+    /// restart, a new one was started).
+    pub fn kill_emulator(&self) -> Result<(), DeviceError> {
+        let mut st = self.state.lock().expect("device lock");
+        let Some(child) = &st.child else {
+            return Ok(());
+        };
+        spawn::kill(child).map_err(io("kill emulator"))?;
+        let generation = st.generation;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while st.generation == generation {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(DeviceError::Io {
+                    op: "wait for the killed emulator",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            st = self.ended.wait_timeout(st, left).expect("device lock").0;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! The VM: RAM, the in-kernel irqchip, one vCPU, PCI bus 0 with one user
+//! device per emulated device, and the vCPU loop, which only sees the slow
+//! path (PCI configuration, the debug ports, stray MMIO).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::device::{DeviceError, EmulatorSpec, UserDevice};
+use crate::memory::Ram;
+use crate::pci::{self, Function};
+use crate::{boot, irq};
+
+/// Console: bytes written to this port go to stdout (QEMU's debugcon).
+pub const DEBUGCON_PORT: u16 = 0xe9;
+/// Exit: the value written is the VMM's exit status (QEMU's isa-debug-exit
+/// port; QEMU exits with `value << 1 | 1` instead).
+pub const EXIT_PORT: u16 = 0x501;
+/// Control (this VMM only): `(command << 8) | device index`; command 1
+/// kills that device's emulator and returns once it has ended.
+pub const CONTROL_PORT: u16 = 0x502;
+const CONTROL_KILL: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub payload: PathBuf,
+    pub cmdline: String,
+    pub ram_mib: u64,
+    /// One device per entry, each with its own emulator.
+    pub devices: Vec<EmulatorSpec>,
+    pub timeout: Option<std::time::Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("KVM: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+    #[error("guest memory: {0}")]
+    Memory(#[source] std::io::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("device {index}: {source}")]
+    Device {
+        index: usize,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("this kernel has no KVM_DEV_TYPE_USER (boot the patched kernel: cargo xtask vm)")]
+    NoUserDevice,
+    #[error("the guest {0}")]
+    Guest(String),
+}
+
+/// A device and where it sits on the bus.
+pub struct Slot {
+    pub device: Arc<UserDevice>,
+    pub pci_device: u8,
+    bar0: Option<u64>,
+    msi: Option<pci::MsiMessage>,
+    msi_gsi: u32,
+}
+
+pub struct Machine {
+    _kvm: Kvm,
+    vm: VmFd,
+    _ram: Ram,
+    vcpu: VcpuFd,
+    bus: pci::Bus,
+    pub slots: Vec<Slot>,
+}
+
+impl Machine {
+    pub fn new(config: &Config) -> Result<Self, MachineError> {
+        let kvm = Kvm::new()?;
+        let vm = kvm.create_vm()?;
+        if !userdev::Master::probe(&vm) {
+            return Err(MachineError::NoUserDevice);
+        }
+        vm.create_irq_chip()?;
+        let ram = Ram::new(&vm, config.ram_mib << 20).map_err(MachineError::Memory)?;
+        let entry = boot::load(&ram.memory, &config.payload, &config.cmdline)?;
+        let vcpu = vm.create_vcpu(0)?;
+        vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
+        boot::setup_vcpu(&vcpu, entry)?;
+
+        let mut bus = pci::Bus::new();
+        bus.add(Function::host_bridge());
+        let mut slots = Vec::new();
+        for (index, spec) in config.devices.iter().enumerate() {
+            let identity = match spec.model.as_str() {
+                "edu" => emulator::edu::IDENTITY,
+                other => {
+                    return Err(MachineError::Device {
+                        index,
+                        source: DeviceError::Io {
+                            op: "device model",
+                            source: std::io::Error::other(format!("unknown model {other:?}")),
+                        },
+                    })
+                }
+            };
+            let intx_gsi = irq::INTX_BASE + index as u32;
+            let msi_gsi = irq::MSI_BASE + index as u32;
+            let pci_device = bus
+                .add(Function::endpoint(&identity, intx_gsi as u8))
+                .expect("fewer devices than slots");
+            let name = format!("{} at 00:{pci_device:02x}.0", spec.model);
+            let dev = UserDevice::new(
+                &vm,
+                name,
+                spec.clone(),
+                ram.file(),
+                ram.layout(),
+                intx_gsi,
+                msi_gsi,
+            )
+            .map_err(|source| MachineError::Device { index, source })?;
+            dev.start()
+                .map_err(|source| MachineError::Device { index, source })?;
+            slots.push(Slot {
+                device: dev,
+                pci_device,
+                bar0: None,
+                msi: None,
+                msi_gsi,
+            });
+        }
+        irq::set_routing(&vm, &[])?;
+        Ok(Machine {
+            _kvm: kvm,
+            vm,
+            _ram: ram,
+            vcpu,
+            bus,
+            slots,
+        })
+    }
+
+    /// Runs the guest until it writes the exit port; returns that value.
+    pub fn run(&mut self) -> Result<u32, MachineError> {
+        let mut out = std::io::stdout().lock();
+        loop {
+            match self.vcpu.run()? {
+                VcpuExit::IoOut(port, data) => match port {
+                    DEBUGCON_PORT => {
+                        let _ = out.write_all(data);
+                        if data.contains(&b'\n') {
+                            let _ = out.flush();
+                        }
+                    }
+                    EXIT_PORT => {
+                        let _ = out.flush();
+                        return Ok(le(data));
+                    }
+                    CONTROL_PORT => {
+                        let value = le(data);
+                        self.control(value)
+                    }
+                    pci::CONFIG_ADDRESS..=0xcff => {
+                        let data = data.to_vec();
+                        if let Some(dev) = self.bus.io_write(port, &data) {
+                            self.config_changed(dev);
+                        }
+                    }
+                    _ => {}
+                },
+                VcpuExit::IoIn(port, data) => match port {
+                    pci::CONFIG_ADDRESS..=0xcff => self.bus.io_read(port, data),
+                    _ => data.fill(0xff),
+                },
+                // Nothing decodes here (an old BAR address, say): a master
+                // abort reads all-ones.
+                VcpuExit::MmioRead(_, data) => data.fill(0xff),
+                VcpuExit::MmioWrite(..) => {}
+                VcpuExit::Hlt => {
+                    return Err(MachineError::Guest("halted with interrupts off".into()))
+                }
+                VcpuExit::Shutdown => {
+                    return Err(MachineError::Guest("shut down (triple fault?)".into()))
+                }
+                other => {
+                    return Err(MachineError::Guest(format!(
+                        "made an unexpected exit: {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn control(&self, value: u32) {
+        let (command, index) = (value >> 8, (value & 0xff) as usize);
+        match (command, self.slots.get(index)) {
+            (CONTROL_KILL, Some(slot)) => {
+                eprintln!(
+                    "vmm: guest asks to kill the emulator of {}",
+                    slot.device.name
+                );
+                if let Err(e) = slot.device.kill_emulator() {
+                    eprintln!("vmm: {}: {e}", slot.device.name);
+                }
+            }
+            _ => eprintln!("vmm: unknown control request {value:#x}"),
+        }
+    }
+
+    /// The guest wrote device `dev`'s configuration space: follow BAR0 and
+    /// MSI.
+    fn config_changed(&mut self, dev: u8) {
+        let Some(i) = self.slots.iter().position(|s| s.pci_device == dev) else {
+            return;
+        };
+        let function = self.bus.function(dev).expect("slot on the bus");
+        let (bar0, size, msi) = (function.bar0(), function.bar0_size(), function.msi());
+        let slot = &mut self.slots[i];
+        if bar0 != slot.bar0 {
+            match slot.device.set_bar0(bar0, size) {
+                Ok(()) => slot.bar0 = bar0,
+                Err(e) => eprintln!("vmm: {}: BAR0 at {bar0:x?}: {e}", slot.device.name),
+            }
+        }
+        if msi != slot.msi {
+            let was_enabled = slot.msi.is_some();
+            slot.msi = msi;
+            let routes: Vec<_> = self
+                .slots
+                .iter()
+                .filter_map(|s| s.msi.map(|m| (s.msi_gsi, m)))
+                .collect();
+            if let Err(e) = irq::set_routing(&self.vm, &routes) {
+                eprintln!("vmm: GSI routing: {e}");
+            }
+            let slot = &self.slots[i];
+            if was_enabled != msi.is_some() {
+                slot.device.set_msi_enabled(msi.is_some());
+            }
+        }
+    }
+}
+
+fn le(data: &[u8]) -> u32 {
+    data.iter().rev().fold(0, |v, &b| v << 8 | u32::from(b))
+}

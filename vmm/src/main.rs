@@ -1,0 +1,122 @@
+//! `vmm`: runs a guest payload with edu devices, each served by its own
+//! sandboxed emulator process through a KVM_DEV_TYPE_USER device.
+//!
+//! Exit status: the value the guest wrote to the exit port (0 = its tests
+//! passed), 2 if the VMM failed, 124 if `--timeout` expired.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use vmm::device::EmulatorSpec;
+use vmm::machine::{Config, Machine};
+
+#[derive(Parser, Debug)]
+#[command(about = "A minimal KVM VMM whose PCI devices are served by sandboxed emulator processes")]
+struct Args {
+    /// The guest payload (a PVH ELF, e.g. target/guest/release/edu-test).
+    #[arg(long)]
+    payload: PathBuf,
+    /// The payload's command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// How many edu devices, each with its own emulator.
+    #[arg(long, default_value_t = 1)]
+    edu: usize,
+    /// Start a new emulator through a new slave when one ends.
+    #[arg(long)]
+    restart: bool,
+    /// The emulator program (default: kvm-userdev-emulator beside this one).
+    #[arg(long)]
+    emulator: Option<PathBuf>,
+    /// An extra argument for the emulator (repeatable).
+    #[arg(long = "emulator-arg", allow_hyphen_values = true)]
+    emulator_args: Vec<String>,
+    /// Publish nothing in the shadow image: every load reaches the emulator.
+    #[arg(long)]
+    no_shadow: bool,
+    /// A BAR0 offset whose loads always reach the emulator (repeatable).
+    #[arg(long, value_parser = parse_offset)]
+    forward: Vec<u64>,
+    /// Give up (exit 124) if the guest has not finished after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+fn parse_offset(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s}: {e}"))
+}
+
+fn default_emulator() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.with_file_name("kvm-userdev-emulator")
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let spec = EmulatorSpec {
+        program: args.emulator.clone().unwrap_or_else(default_emulator),
+        args: args.emulator_args.clone(),
+        model: "edu".into(),
+        shadow: !args.no_shadow,
+        forward: args.forward.clone(),
+        restart: args.restart,
+    };
+    let config = Config {
+        payload: args.payload.clone(),
+        cmdline: args.cmdline.clone(),
+        ram_mib: args.memory,
+        devices: vec![spec; args.edu],
+        timeout: args.timeout.map(Duration::from_secs),
+    };
+    if let Some(t) = config.timeout {
+        std::thread::spawn(move || {
+            std::thread::sleep(t);
+            eprintln!("vmm: the guest did not finish within {}s", t.as_secs());
+            std::process::exit(124);
+        });
+    }
+    let mut machine = match Machine::new(&config) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = machine.run();
+    for slot in &machine.slots {
+        let d = &slot.device;
+        match d.stats() {
+            Ok(s) => eprintln!(
+                "vmm: stats {}: posted_stores={} shadow_loads={} forwarded_loads={} timeouts={} dropped_stores={} queue_full_waits={} detached_loads={}",
+                d.name,
+                s.posted_stores,
+                s.shadow_loads,
+                s.forwarded_loads,
+                s.timeouts,
+                s.dropped_stores,
+                s.queue_full_waits,
+                s.detached_loads
+            ),
+            Err(e) => eprintln!("vmm: stats {}: {e}", d.name),
+        }
+    }
+    match result {
+        Ok(status) => {
+            eprintln!("vmm: the guest exited with status {status}");
+            ExitCode::from(status as u8)
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
