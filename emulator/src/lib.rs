@@ -13,3 +13,18 @@ pub mod handoff;
 pub mod model;
 pub mod sandbox;
 pub mod serve;
+
+/// Writes one line to stderr with a single write, so that the lines of
+/// several emulators sharing the VMM's stderr do not interleave.
+pub fn log(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut s = line.to_string();
+    s.push('\n');
+    let _ = std::io::stderr().write_all(s.as_bytes());
+}
+
+/// `log!("...", args)`: [`log`] with `format!` syntax.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => { $crate::log(format_args!($($arg)*)) };
+}

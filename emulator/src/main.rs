@@ -93,7 +93,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
         irqfds,
     })?;
-    eprintln!(
+    emulator::log!(
         "emulator[{}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
         setup.model,
         sandbox::NOBODY,
@@ -102,7 +102,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     );
     #[cfg(feature = "sandbox-probe")]
     if let Some(what) = &args.probe {
-        eprintln!("{}", sandbox::probe(what));
+        emulator::log!("{}", sandbox::probe(what));
     }
     #[cfg(not(feature = "sandbox-probe"))]
     let _ = &args.probe;
@@ -113,7 +113,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         slave.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
     }
     let exit = serve(looper, &slave, &control, &mut platform, model.as_mut())?;
-    eprintln!("emulator[{}]: done ({exit:?})", setup.model);
+    emulator::log!("emulator[{}]: done ({exit:?})", setup.model);
     Ok(())
 }
 
@@ -121,7 +121,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("emulator: {e}");
+            emulator::log!("emulator: {e}");
             ExitCode::FAILURE
         }
     }

@@ -6,13 +6,13 @@
 //! them the emulator
 //!
 //! 1. replaces its root with an empty, read-only tmpfs (no file system);
-//! 2. sets resource limits: no new files, no file writes, no core dumps,
-//!    no processes, bounded heap;
-//! 3. becomes nobody (uid and gid 65534, no supplementary groups), which
+//! 2. becomes nobody (uid and gid 65534, no supplementary groups), which
 //!    drops every capability;
-//! 4. adds a Landlock ruleset that handles every file-system and network
+//! 3. adds a Landlock ruleset that handles every file-system and network
 //!    right and grants none, and scopes signals and abstract sockets (a
 //!    second wall should the first fall);
+//! 4. sets resource limits: no new descriptors, no file writes, no core
+//!    dumps, no processes, bounded heap;
 //! 5. sets no_new_privs and installs a seccomp filter that kills the
 //!    process on any system call outside [`allowed`], with arguments pinned
 //!    to its own descriptors where the call takes one.
@@ -90,9 +90,10 @@ pub fn enter(fds: &Fds) -> Result<Report, SandboxError> {
         return Err(SandboxError::NotIsolated(pid));
     }
     empty_root()?;
-    limit_resources(fds)?;
     become_nobody()?;
     let landlock = landlock()?;
+    // After Landlock, which needs a descriptor for its ruleset.
+    limit_resources(fds)?;
     let filter = filter(fds)?;
     let syscalls = allowed(fds).len();
     seccompiler::apply_filter(&filter)?;
@@ -301,7 +302,7 @@ pub fn probe(what: &str) -> String {
         }
     };
     if ret >= 0 {
-        eprintln!("sandbox probe: {what} SUCCEEDED: the sandbox has a hole");
+        crate::log!("sandbox probe: {what} SUCCEEDED: the sandbox has a hole");
         std::process::exit(99);
     }
     format!(

@@ -61,10 +61,16 @@ impl Platform {
         }
     }
 
-    /// The guest EOIed INTx: re-assert while the device still wants it.
-    fn resample(&mut self) {
+    /// The guest EOIed INTx (KVM lowered the line): take the notice.
+    fn take_resample(&mut self) {
         if let Some(intx) = &self.intx {
             let _ = intx.resample.read();
+        }
+    }
+
+    /// After a resample, raise the line again if the device still wants it.
+    fn reassert(&mut self) {
+        if let Some(intx) = &self.intx {
             if intx.high && !self.msi_enabled {
                 Self::trigger(&intx.irqfd, &mut self.irq_errors);
             }
@@ -190,18 +196,27 @@ pub fn serve(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
+        let mut resampled = false;
         for event in events.iter() {
             match event.token() {
                 CONTROL if !drain_control(control, platform) => return Ok(Exit::VmmGone),
-                RESAMPLE => platform.resample(),
+                RESAMPLE => resampled = true,
                 SLAVE if event.is_read_closed() => return Ok(Exit::DeviceGone),
                 _ => {}
             }
+        }
+        // A guest acknowledges the device (a posted store) before its EOI:
+        // take the resample notice, then the ring, then decide on the line.
+        if resampled {
+            platform.take_resample();
         }
         match serve_ring(slave, control, platform, model, &mut replies) {
             Ok(()) => {}
             Err(userdev::Error::DeviceGone) => return Ok(Exit::DeviceGone),
             Err(e) => return Err(e.into()),
+        }
+        if resampled {
+            platform.reassert();
         }
     }
 }
@@ -263,7 +278,7 @@ fn drain_control(control: &UnixDatagram, platform: &mut Platform) -> bool {
                 .and_then(Control::decode)
             {
                 Some(Control::MsiEnabled(on)) => platform.msi_enabled = on,
-                None => eprintln!("emulator: ignoring unknown control message"),
+                None => crate::log!("emulator: ignoring unknown control message"),
             },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -266,7 +266,11 @@ mod tests {
         assert_eq!(bus.add(Function::host_bridge()), Some(0));
         assert_eq!(bus.add(edu()), Some(1));
         assert_eq!(cfg_read(&mut bus, 1, 0), 0x11e8_1234);
-        assert_eq!(cfg_read(&mut bus, 1, 8), 0xff00_0010, "class ff, subclass 00, rev 10");
+        assert_eq!(
+            cfg_read(&mut bus, 1, 8),
+            0xff00_0010,
+            "class ff, subclass 00, rev 10"
+        );
         assert_eq!(cfg_read(&mut bus, 1, 0x3c) & 0xffff, 0x010a);
         assert_eq!(cfg_read(&mut bus, 2, 0), 0xffff_ffff);
         // A byte read at an offset inside the dword.

@@ -1,5 +1,6 @@
 //! `cargo xtask`: build the patched kernel, boot it in QEMU, run the tests in it.
 
+mod binaries;
 mod deps;
 mod kernel;
 mod logscan;
@@ -58,6 +59,19 @@ enum Cmd {
     },
     /// fmt, clippy, host tests, then the in-VM tests on the debug kernel.
     Test,
+    /// Run a guest that drives edu devices, each served by its own
+    /// sandboxed emulator through a user device, in the VM (plain kernel).
+    Edu {
+        /// Boot the debug kernel instead.
+        #[arg(long)]
+        debug: bool,
+        /// How many edu devices (one emulator each).
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        /// More arguments for the VMM (see `target/debug/vmm --help`).
+        #[arg(last = true)]
+        vmm_args: Vec<String>,
+    },
     /// Run every KVM selftest of the built kernel in the VM, one line each
     /// (pass, fail, skip, timeout): for comparing kernels.
     KvmSelftests {
@@ -94,6 +108,33 @@ fn run() -> Result<i32> {
             Ok(run.exit_code())
         }
         Cmd::Test => test::run(),
+        Cmd::Edu {
+            debug,
+            devices,
+            vmm_args,
+        } => {
+            let flavour = kernel::Flavour::new(debug);
+            kernel::build(flavour)?;
+            let bins = binaries::build(false)?;
+            let mut cmd = vec![
+                bins.vmm.to_string_lossy().into_owned(),
+                "--payload".into(),
+                bins.guest_dir
+                    .join("edu-test")
+                    .to_string_lossy()
+                    .into_owned(),
+                "--edu".into(),
+                devices.to_string(),
+                "--cmdline".into(),
+                format!("mode=full devices={devices}"),
+                "--timeout".into(),
+                "600".into(),
+            ];
+            cmd.extend(vmm_args);
+            let run = vm::run(&vm::VmOptions::new(flavour), &cmd)?;
+            run.explain();
+            Ok(run.exit_code())
+        }
         Cmd::KvmSelftests { debug, per_test } => {
             selftests::run(kernel::Flavour::new(debug), Duration::from_secs(per_test))
         }

@@ -294,6 +294,24 @@ pub fn run() -> Result<i32> {
         .success();
     tally.check("cargo clippy", ok);
 
+    banner("guest payloads: cargo fmt --check, cargo clippy (in guest/)");
+    let guest = repo_root().join("guest");
+    let ok = cargo()
+        .current_dir(&guest)
+        .args(["fmt", "--check"])
+        .status()?
+        .success();
+    tally.check("guest: cargo fmt --check", ok);
+    let ok = cargo()
+        .current_dir(&guest)
+        .env_remove("RUSTFLAGS")
+        .args(["clippy", "--release", "--target-dir"])
+        .arg(repo_root().join("target/guest"))
+        .args(["--", "-D", "warnings"])
+        .status()?
+        .success();
+    tally.check("guest: cargo clippy", ok);
+
     banner("host tests: cargo test --workspace");
     let (ok, out) = tee(cargo().args(["test", "--workspace", "--exclude", VM_TESTS]))?;
     if tally.add_libtest("host tests", &out) == 0 || (!ok && tally.failed == 0) {
@@ -311,7 +329,8 @@ pub fn run() -> Result<i32> {
     tally.check("debug kernel build", kernel.is_some());
 
     banner("in-VM tests on the debug kernel");
-    let bins = build_vm_tests();
+    // The VMM, the emulators and the guest payloads the tests run.
+    let bins = crate::binaries::build(false).and_then(|_| build_vm_tests());
     match (kernel, bins) {
         (None, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
         (Some(_), Err(e)) => {

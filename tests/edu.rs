@@ -1,0 +1,210 @@
+//! End to end: the edu-test guest payload drives edu devices through the
+//! VMM; every MMIO access is served by a sandboxed emulator process through
+//! a KVM_DEV_TYPE_USER device. `cargo xtask test` builds the VMM, the
+//! emulators and the payload first (xtask/src/binaries.rs).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The device counters the VMM prints at exit, per device.
+#[derive(Debug, Default)]
+struct Stats {
+    posted_stores: u64,
+    shadow_loads: u64,
+    forwarded_loads: u64,
+    timeouts: u64,
+    dropped_stores: u64,
+    detached_loads: u64,
+}
+
+struct Run {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn stats(&self) -> Vec<Stats> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("vmm: stats "))
+            .map(|l| {
+                let mut s = Stats::default();
+                for kv in l.split_whitespace() {
+                    let Some((k, v)) = kv.split_once('=') else {
+                        continue;
+                    };
+                    let v = v.parse().unwrap_or(u64::MAX);
+                    match k {
+                        "posted_stores" => s.posted_stores = v,
+                        "shadow_loads" => s.shadow_loads = v,
+                        "forwarded_loads" => s.forwarded_loads = v,
+                        "timeouts" => s.timeouts = v,
+                        "dropped_stores" => s.dropped_stores = v,
+                        "detached_loads" => s.detached_loads = v,
+                        _ => {}
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.stderr.matches(needle).count()
+    }
+
+    fn assert_guest_passed(&self) {
+        assert!(
+            self.status == Some(0) && self.stdout.contains("edu-test: PASS"),
+            "guest did not pass (status {:?})",
+            self.status
+        );
+    }
+}
+
+/// Runs the VMM with the edu-test payload; the output is echoed for the log.
+fn vmm(args: &[&str], emulator: Option<PathBuf>) -> Run {
+    let mut cmd = Command::new(repo().join("target/debug/vmm"));
+    cmd.arg("--payload")
+        .arg(repo().join("target/guest/release/edu-test"))
+        .args(["--timeout", "300"])
+        .args(args);
+    if let Some(e) = emulator {
+        cmd.arg("--emulator").arg(e);
+    }
+    let out = cmd
+        .output()
+        .expect("run target/debug/vmm (built by cargo xtask test)");
+    let run = Run {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    println!("---- vmm {}\n{}{}", args.join(" "), run.stdout, run.stderr);
+    run
+}
+
+fn assert_clean(s: &Stats) {
+    assert_eq!(
+        (s.timeouts, s.dropped_stores, s.detached_loads),
+        (0, 0, 0),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn edu_features_through_the_user_device() {
+    let run = vmm(&["--edu", "1", "--cmdline", "mode=full devices=1"], None);
+    run.assert_guest_passed();
+    let stats = run.stats();
+    assert_eq!(stats.len(), 1);
+    let s = &stats[0];
+    // Side-effect-free registers came from the shadow image, stores were
+    // posted; only loads right behind an unconsumed store were forwarded.
+    assert!(s.shadow_loads > 0 && s.posted_stores > 0, "{s:?}");
+    assert_clean(s);
+    assert_eq!(run.count("was killed"), 0);
+}
+
+#[test]
+fn every_load_forwarded_without_the_shadow_image() {
+    let run = vmm(
+        &[
+            "--edu",
+            "1",
+            "--no-shadow",
+            "--cmdline",
+            "mode=full devices=1",
+        ],
+        None,
+    );
+    run.assert_guest_passed();
+    let s = &run.stats()[0];
+    assert_eq!(s.shadow_loads, 0, "{s:?}");
+    assert!(s.forwarded_loads > 0 && s.posted_stores > 0, "{s:?}");
+    assert_clean(s);
+}
+
+#[test]
+fn two_devices_two_emulators() {
+    let run = vmm(&["--edu", "2", "--cmdline", "mode=full devices=2"], None);
+    run.assert_guest_passed();
+    assert_eq!(run.count(" started"), 2, "one emulator per device");
+    let stats = run.stats();
+    assert_eq!(stats.len(), 2);
+    for s in &stats {
+        assert!(s.shadow_loads > 0 && s.posted_stores > 0, "{s:?}");
+        assert_clean(s);
+    }
+}
+
+#[test]
+fn killed_emulator_reads_all_ones() {
+    let run = vmm(&["--edu", "1", "--cmdline", "mode=kill"], None);
+    run.assert_guest_passed();
+    assert_eq!(run.count("was killed by signal 9 (SIGKILL)"), 1);
+    let s = &run.stats()[0];
+    assert!(s.detached_loads > 0, "{s:?}");
+}
+
+#[test]
+fn restarted_emulator_answers_again() {
+    let run = vmm(
+        &["--edu", "1", "--restart", "--cmdline", "mode=kill-restart"],
+        None,
+    );
+    run.assert_guest_passed();
+    assert_eq!(run.count("was killed by signal 9 (SIGKILL)"), 1);
+    assert_eq!(run.count(" started"), 2, "a second emulator took over");
+}
+
+/// The test-only emulator tries `what` once sandboxed; seccomp must kill it.
+fn sandbox_refuses(what: &str) {
+    let probe = repo().join("target/probe/debug/kvm-userdev-emulator");
+    let run = vmm(
+        &[
+            "--edu",
+            "1",
+            "--emulator-arg",
+            "--probe",
+            "--emulator-arg",
+            what,
+            "--cmdline",
+            "mode=dead",
+        ],
+        Some(probe),
+    );
+    run.assert_guest_passed();
+    assert!(
+        !run.stderr.contains("SUCCEEDED"),
+        "{what} got through the sandbox"
+    );
+    let killed = run.count("was killed by signal 31 (SIGSYS)") == 1;
+    let refused = run
+        .stderr
+        .contains(&format!("sandbox probe: {what} refused"));
+    assert!(
+        killed || refused,
+        "{what} neither killed the emulator nor was refused"
+    );
+}
+
+#[test]
+fn sandbox_refuses_open() {
+    sandbox_refuses("open");
+}
+
+#[test]
+fn sandbox_refuses_socket() {
+    sandbox_refuses("socket");
+}
+
+#[test]
+fn sandbox_refuses_execve() {
+    sandbox_refuses("execve");
+}

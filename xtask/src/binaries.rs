@@ -1,0 +1,66 @@
+//! The programs the in-VM tests, the demo and the benchmark run: the VMM,
+//! the emulator, the test-only emulator with the sandbox probe, and the
+//! freestanding guest payloads (`guest/`, a workspace of its own because
+//! it needs its own rustflags).
+
+use anyhow::Result;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::util::{repo_root, run};
+
+pub struct Binaries {
+    pub vmm: PathBuf,
+    /// The edu-test payload and its siblings live here.
+    pub guest_dir: PathBuf,
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(repo_root());
+    c
+}
+
+/// The guest payloads: built from inside guest/, whose .cargo/config.toml
+/// carries the freestanding link flags, which outer RUSTFLAGS would
+/// replace.
+pub fn build_guest() -> Result<PathBuf> {
+    let target = repo_root().join("target/guest");
+    run(cargo()
+        .current_dir(repo_root().join("guest"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .args(["build", "--release", "--target-dir"])
+        .arg(&target))?;
+    Ok(target.join("release"))
+}
+
+/// Builds everything (debug or release VMM and emulator); the probe
+/// emulator goes to its own target directory so that the feature never
+/// reaches the emulator that serves devices.
+pub fn build(release: bool) -> Result<Binaries> {
+    let profile: &[&str] = if release { &["--release"] } else { &[] };
+    eprintln!("xtask: building the VMM, the emulator and the guest payloads");
+    run(cargo()
+        .args(["build", "-p", "vmm", "-p", "emulator", "--bins"])
+        .args(profile))?;
+    run(cargo()
+        .args([
+            "build",
+            "-p",
+            "emulator",
+            "--bins",
+            "--features",
+            "sandbox-probe",
+            "--target-dir",
+        ])
+        .arg(repo_root().join("target/probe"))
+        .args(profile))?;
+    let guest_dir = build_guest()?;
+    let dir = if release { "release" } else { "debug" };
+    Ok(Binaries {
+        vmm: repo_root().join("target").join(dir).join("vmm"),
+        guest_dir,
+    })
+}
