@@ -73,6 +73,10 @@ fn vmm(args: &[&str], emulator: Option<PathBuf>) -> Run {
     cmd.arg("--payload")
         .arg(repo().join("target/guest/release/edu-test"))
         .args(["--timeout", "300"])
+        // The debug kernel under nested TCG can be slow to schedule the
+        // emulator: give loads the longest wait, so that only a dead
+        // emulator makes one time out.
+        .args(["--access-timeout-ms", "10000"])
         .args(args);
     if let Some(e) = emulator {
         cmd.arg("--emulator").arg(e);

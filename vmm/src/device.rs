@@ -25,6 +25,8 @@ pub struct EmulatorSpec {
     pub forward: Vec<u64>,
     /// Start a new emulator (through a new slave) when one ends.
     pub restart: bool,
+    /// How long a vCPU waits for the emulator (the kernel's default: 1 s).
+    pub access_timeout: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,9 @@ impl UserDevice {
         msi_gsi: u32,
     ) -> Result<Arc<Self>, DeviceError> {
         let master = Master::create(vm)?;
+        if let Some(t) = spec.access_timeout {
+            master.set_timeout(t)?;
+        }
         let (intx, resample, msi) = (eventfd()?, eventfd()?, eventfd()?);
         vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)?;
         vm.register_irqfd(&msi, msi_gsi)?;

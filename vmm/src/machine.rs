@@ -179,7 +179,10 @@ impl Machine {
                     return Err(MachineError::Guest("halted with interrupts off".into()))
                 }
                 VcpuExit::Shutdown => {
-                    return Err(MachineError::Guest("shut down (triple fault?)".into()))
+                    let state = self.vcpu_state();
+                    return Err(MachineError::Guest(format!(
+                        "shut down (triple fault?); {state}"
+                    )));
                 }
                 other => {
                     return Err(MachineError::Guest(format!(
@@ -187,6 +190,17 @@ impl Machine {
                     )))
                 }
             }
+        }
+    }
+
+    /// The registers that tell where a guest went wrong.
+    fn vcpu_state(&self) -> String {
+        match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x} cs {:#x}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
+            ),
+            _ => "registers unreadable".into(),
         }
     }
 

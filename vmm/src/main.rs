@@ -42,6 +42,10 @@ struct Args {
     /// A BAR0 offset whose loads always reach the emulator (repeatable).
     #[arg(long, value_parser = parse_offset)]
     forward: Vec<u64>,
+    /// How long a vCPU may wait for an emulator's reply or for ring space,
+    /// in milliseconds (1 to 10000; the kernel's default is 1000).
+    #[arg(long)]
+    access_timeout_ms: Option<u64>,
     /// Give up (exit 124) if the guest has not finished after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         shadow: !args.no_shadow,
         forward: args.forward.clone(),
         restart: args.restart,
+        access_timeout: args.access_timeout_ms.map(Duration::from_millis),
     };
     let config = Config {
         payload: args.payload.clone(),

@@ -338,9 +338,15 @@ pub fn run() -> Result<i32> {
             tally.check("in-VM test build", false);
         }
         (Some(kernel), Ok(bins)) => {
+            // One test at a time: each boots a nested guest and starts
+            // emulators, and the VM has two vCPUs.
             let mut suites: Vec<Suite> = bins
                 .into_iter()
-                .map(|b| Suite::new(b, Format::Libtest))
+                .map(|b| {
+                    let mut s = Suite::new(b, Format::Libtest);
+                    s.args = vec!["--test-threads=1".into()];
+                    s
+                })
                 .collect();
             for (selftest, args) in KVM_SELFTESTS {
                 let mut suite = Suite::new(kernel.selftests.join(selftest), Format::Ktap);
