@@ -265,8 +265,10 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules.insert(libc::SYS_mremap, vec![]);
     rules.insert(libc::SYS_brk, vec![]);
     rules.insert(libc::SYS_madvise, vec![]);
-    // Return from std's stack-overflow signal handler; ending the process.
+    // Return from std's stack-overflow signal handler; ending the process
+    // (std's exit path takes down the main thread's signal stack first).
     rules.insert(libc::SYS_rt_sigreturn, vec![]);
+    rules.insert(libc::SYS_sigaltstack, vec![]);
     rules.insert(libc::SYS_exit, vec![]);
     rules.insert(libc::SYS_exit_group, vec![]);
     rules
