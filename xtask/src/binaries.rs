@@ -7,7 +7,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::util::{repo_root, run};
+use crate::util::{cargo, repo_root, run};
 
 pub struct Binaries {
     pub vmm: PathBuf,
@@ -15,25 +15,23 @@ pub struct Binaries {
     pub guest_dir: PathBuf,
 }
 
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(repo_root());
-    c
-}
-
-/// The guest payloads: built from inside guest/, whose .cargo/config.toml
-/// carries the freestanding link flags, which outer RUSTFLAGS would
-/// replace.
-pub fn build_guest() -> Result<PathBuf> {
-    let target = repo_root().join("target/guest");
-    run(cargo()
-        .current_dir(repo_root().join("guest"))
+/// `cargo` for the guest payloads: run from inside guest/, whose
+/// .cargo/config.toml carries the freestanding link flags (which outer
+/// RUSTFLAGS would replace), into target/guest.
+pub fn guest_cargo() -> Command {
+    let mut c = cargo();
+    c.current_dir(repo_root().join("guest"))
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .args(["build", "--release", "--target-dir"])
-        .arg(&target))?;
-    Ok(target.join("release"))
+        .env("CARGO_TARGET_DIR", repo_root().join("target/guest"));
+    c
+}
+
+/// Builds the guest payloads; returns where they are.
+pub fn build_guest() -> Result<PathBuf> {
+    run(guest_cargo().args(["build", "--release"]))?;
+    Ok(repo_root().join("target/guest/release"))
 }
 
 /// Builds everything (debug or release VMM and emulator); the probe

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::binaries::guest_cargo;
 use crate::kernel::{self, Flavour};
-use crate::util::{fmt_duration, repo_root};
+use crate::util::{cargo, fmt_duration};
 use crate::vm::{self, shell_quote, Outcome, VmOptions};
 
 /// The package whose tests run inside the VM.
@@ -93,12 +94,6 @@ fn parse_libtest_result(line: &str) -> Option<LibtestResult> {
         }
     }
     Some(r)
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(repo_root());
-    c
 }
 
 fn banner(what: &str) {
@@ -295,19 +290,10 @@ pub fn run() -> Result<i32> {
     tally.check("cargo clippy", ok);
 
     banner("guest payloads: cargo fmt --check, cargo clippy (in guest/)");
-    let guest = repo_root().join("guest");
-    let ok = cargo()
-        .current_dir(&guest)
-        .args(["fmt", "--check"])
-        .status()?
-        .success();
+    let ok = guest_cargo().args(["fmt", "--check"]).status()?.success();
     tally.check("guest: cargo fmt --check", ok);
-    let ok = cargo()
-        .current_dir(&guest)
-        .env_remove("RUSTFLAGS")
-        .args(["clippy", "--release", "--target-dir"])
-        .arg(repo_root().join("target/guest"))
-        .args(["--", "-D", "warnings"])
+    let ok = guest_cargo()
+        .args(["clippy", "--release", "--", "-D", "warnings"])
         .status()?
         .success();
     tally.check("guest: cargo clippy", ok);
