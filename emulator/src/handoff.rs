@@ -186,7 +186,8 @@ impl Setup {
     }
 }
 
-fn parse_u64(s: &str) -> Option<u64> {
+/// A number in decimal or, with `0x`, in hex.
+pub fn parse_u64(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),

@@ -10,11 +10,10 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
 
-use emulator::edu::Edu;
 use emulator::handoff::recv_setup;
-use emulator::model::DeviceModel;
+use emulator::model;
 use emulator::sandbox;
-use emulator::serve::{access_map, map_memory, serve, Intx, Looper, Platform, SHADOW_SIZE};
+use emulator::serve::{access_map, map_memory, poll_sources, serve, Intx, Platform, SHADOW_SIZE};
 use userdev::Slave;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -62,10 +61,8 @@ fn run() -> Result<(), Box<dyn Error>> {
     let (setup, fds) = recv_setup(&control)?;
     control.set_nonblocking(true)?;
 
-    let mut model: Box<dyn DeviceModel> = match setup.model.as_str() {
-        "edu" => Box::new(Edu::new()),
-        other => return Err(format!("unknown device model {other:?}").into()),
-    };
+    let mut model = model::by_name(&setup.model)
+        .ok_or_else(|| format!("unknown device model {:?}", setup.model))?;
     let slave = Slave::new(fds.slave)?;
     let shadow = if setup.shadow {
         Some(slave.create_shadow(SHADOW_SIZE)?)
@@ -82,14 +79,14 @@ fn run() -> Result<(), Box<dyn Error>> {
         msi_enabled: setup.msi_enabled,
         irq_errors: 0,
     };
-    let looper = Looper::new(&slave, &control, &platform)?;
+    let poll = poll_sources(&slave, &control, &platform)?;
 
     let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
     irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
     let report = sandbox::enter(&sandbox::Fds {
         slave: slave.as_raw_fd(),
         control: control.as_raw_fd(),
-        epoll: looper.poll.as_raw_fd(),
+        epoll: poll.as_raw_fd(),
         resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
         irqfds,
     })?;
@@ -112,7 +109,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         model.publish_all(&mut platform);
         slave.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
     }
-    let exit = serve(looper, &slave, &control, &mut platform, model.as_mut())?;
+    let exit = serve(poll, &slave, &control, &mut platform, model.as_mut())?;
     emulator::log!("emulator[{}]: done ({exit:?})", setup.model);
     Ok(())
 }

@@ -59,3 +59,12 @@ pub trait DeviceModel {
     /// Publishes every shadowed register (on start, into a fresh image).
     fn publish_all(&self, env: &mut dyn Env);
 }
+
+/// The device model called `name` (the name the VMM and the handoff use),
+/// fresh from reset.
+pub fn by_name(name: &str) -> Option<Box<dyn DeviceModel>> {
+    match name {
+        "edu" => Some(Box::new(crate::edu::Edu::new())),
+        _ => None,
+    }
+}

@@ -94,9 +94,9 @@ pub fn enter(fds: &Fds) -> Result<Report, SandboxError> {
     let landlock = landlock()?;
     // After Landlock, which needs a descriptor for its ruleset.
     limit_resources(fds)?;
-    let filter = filter(fds)?;
-    let syscalls = allowed(fds).len();
-    seccompiler::apply_filter(&filter)?;
+    let rules = allowed(fds);
+    let syscalls = rules.len();
+    seccompiler::apply_filter(&filter(rules)?)?;
     Ok(Report { landlock, syscalls })
 }
 
@@ -274,9 +274,9 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
-fn filter(fds: &Fds) -> Result<BpfProgram, SandboxError> {
+fn filter(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SandboxError> {
     let filter = SeccompFilter::new(
-        allowed(fds),
+        rules,
         SeccompAction::KillProcess,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -332,7 +332,7 @@ mod tests {
         assert!(!rules.contains_key(&libc::SYS_openat));
         assert!(!rules.contains_key(&libc::SYS_socket));
         assert!(!rules.contains_key(&libc::SYS_execve));
-        filter(&fds).unwrap();
+        filter(allowed(&fds)).unwrap();
         let no_intx = Fds {
             resample: None,
             ..fds

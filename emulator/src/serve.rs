@@ -155,34 +155,32 @@ pub enum ServeError {
 
 /// The poll instance with every source registered, made before the
 /// sandbox (whose filter pins epoll_wait to it) goes up.
-pub struct Looper {
-    pub poll: Poll,
-}
-
-impl Looper {
-    pub fn new(slave: &Slave, control: &UnixDatagram, platform: &Platform) -> io::Result<Self> {
-        let poll = Poll::new()?;
-        let reg = poll.registry();
-        reg.register(&mut SourceFd(&slave.as_raw_fd()), SLAVE, Interest::READABLE)?;
+pub fn poll_sources(
+    slave: &Slave,
+    control: &UnixDatagram,
+    platform: &Platform,
+) -> io::Result<Poll> {
+    let poll = Poll::new()?;
+    let reg = poll.registry();
+    reg.register(&mut SourceFd(&slave.as_raw_fd()), SLAVE, Interest::READABLE)?;
+    reg.register(
+        &mut SourceFd(&control.as_raw_fd()),
+        CONTROL,
+        Interest::READABLE,
+    )?;
+    if let Some(intx) = &platform.intx {
         reg.register(
-            &mut SourceFd(&control.as_raw_fd()),
-            CONTROL,
+            &mut SourceFd(&intx.resample.as_raw_fd()),
+            RESAMPLE,
             Interest::READABLE,
         )?;
-        if let Some(intx) = &platform.intx {
-            reg.register(
-                &mut SourceFd(&intx.resample.as_raw_fd()),
-                RESAMPLE,
-                Interest::READABLE,
-            )?;
-        }
-        Ok(Looper { poll })
     }
+    Ok(poll)
 }
 
 /// Serves the device until the VM or the VMM goes away.
 pub fn serve(
-    mut looper: Looper,
+    mut poll: Poll,
     slave: &Slave,
     control: &UnixDatagram,
     platform: &mut Platform,
@@ -191,7 +189,7 @@ pub fn serve(
     let mut events = Events::with_capacity(8);
     let mut replies = Vec::with_capacity(64);
     loop {
-        match looper.poll.poll(&mut events, None) {
+        match poll.poll(&mut events, None) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),

@@ -54,12 +54,21 @@ impl From<&sys::kvm_user_access> for Access {
     }
 }
 
-/// The answer to a forwarded load.
+/// The answer to a forwarded load; laid out as `struct kvm_user_reply`, so
+/// a batch goes to the kernel as it is.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub seq: u64,
     pub data: u64,
 }
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<Reply>() == size_of::<sys::kvm_user_reply>());
+    assert!(offset_of!(Reply, seq) == offset_of!(sys::kvm_user_reply, seq));
+    assert!(offset_of!(Reply, data) == offset_of!(sys::kvm_user_reply, data));
+};
 
 /// A shared mapping of part of the slave file, unmapped on drop.
 #[derive(Debug)]
@@ -266,18 +275,12 @@ impl Slave {
     /// (it timed out and got all-ones) is rejected by the kernel; the others
     /// still go through. Returns how many were rejected.
     pub fn reply(&self, replies: &[Reply]) -> Result<usize> {
-        let raw: Vec<sys::kvm_user_reply> = replies
-            .iter()
-            .map(|r| sys::kvm_user_reply {
-                seq: r.seq,
-                data: r.data,
-            })
-            .collect();
-        let size = std::mem::size_of::<sys::kvm_user_reply>();
+        let size = std::mem::size_of::<Reply>();
         let mut rejected = 0;
-        let mut rest = &raw[..];
+        let mut rest = replies;
         while !rest.is_empty() {
-            // SAFETY: `rest` is valid for reading `rest.len()` replies.
+            // SAFETY: `rest` is valid for reading `rest.len()` replies, laid
+            // out as the kernel reads them (asserted above).
             let ret = unsafe {
                 libc::write(
                     self.fd.as_raw_fd(),

@@ -90,18 +90,15 @@ impl Machine {
         bus.add(Function::host_bridge());
         let mut slots = Vec::new();
         for (index, spec) in config.devices.iter().enumerate() {
-            let identity = match spec.model.as_str() {
-                "edu" => emulator::edu::IDENTITY,
-                other => {
-                    return Err(MachineError::Device {
-                        index,
-                        source: DeviceError::Io {
-                            op: "device model",
-                            source: std::io::Error::other(format!("unknown model {other:?}")),
-                        },
-                    })
-                }
-            };
+            let identity = emulator::model::by_name(&spec.model)
+                .ok_or_else(|| MachineError::Device {
+                    index,
+                    source: DeviceError::Io {
+                        op: "device model",
+                        source: std::io::Error::other(format!("unknown model {:?}", spec.model)),
+                    },
+                })?
+                .identity();
             let intx_gsi = irq::INTX_BASE + index as u32;
             let msi_gsi = irq::MSI_BASE + index as u32;
             let pci_device = bus
@@ -153,10 +150,10 @@ impl Machine {
                     }
                     EXIT_PORT => {
                         let _ = out.flush();
-                        return Ok(le(data));
+                        return Ok(pci::le(data));
                     }
                     CONTROL_PORT => {
-                        let value = le(data);
+                        let value = pci::le(data);
                         self.control(value)
                     }
                     pci::CONFIG_ADDRESS..=0xcff => {
@@ -252,8 +249,4 @@ impl Machine {
             }
         }
     }
-}
-
-fn le(data: &[u8]) -> u32 {
-    data.iter().rev().fold(0, |v, &b| v << 8 | u32::from(b))
 }

@@ -52,11 +52,8 @@ struct Args {
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("{s}: {e}"))
+    emulator::handoff::parse_u64(s)
+        .ok_or_else(|| format!("{s}: not a decimal or 0x-prefixed hex number"))
 }
 
 fn default_emulator() -> PathBuf {

@@ -177,8 +177,10 @@ impl Bus {
         self.slots.get(device as usize)?.as_ref()
     }
 
-    /// The function and register the address register selects, if present.
-    fn selected(&self) -> Option<(u8, usize)> {
+    /// For an access of `len` bytes at data port `port`: the device the
+    /// address register selects, if present, the configuration offset, and
+    /// how many bytes of the access stay inside the selected dword.
+    fn target(&self, port: u16, len: usize) -> Option<(u8, usize, usize)> {
         let a = self.address;
         let enabled = a & 0x8000_0000 != 0;
         let (bus, device, function) = ((a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 0x7);
@@ -186,22 +188,18 @@ impl Bus {
             return None;
         }
         self.slots[device as usize].as_ref()?;
-        Some((device as u8, (a & 0xfc) as usize))
+        let byte = usize::from(port - CONFIG_DATA);
+        Some((device as u8, (a & 0xfc) as usize + byte, len.min(4 - byte)))
     }
 
     /// A port read in 0xcf8..=0xcff.
     pub fn io_read(&self, port: u16, data: &mut [u8]) {
         let value = match port {
             CONFIG_ADDRESS if data.len() == 4 => self.address,
-            CONFIG_DATA..=0xcff => match self.selected() {
-                Some((dev, reg)) => {
-                    let offset = reg + usize::from(port - CONFIG_DATA);
-                    let len = data.len().min(4 - usize::from(port - CONFIG_DATA));
-                    self.slots[dev as usize]
-                        .as_ref()
-                        .expect("selected")
-                        .config
-                        .read(offset, len)
+            CONFIG_DATA..=0xcff => match self.target(port, data.len()) {
+                Some((dev, offset, len)) => {
+                    let f = self.slots[dev as usize].as_ref().expect("selected");
+                    f.config.read(offset, len)
                 }
                 None => !0,
             },
@@ -215,16 +213,14 @@ impl Bus {
     /// A port write in 0xcf8..=0xcff; returns the device whose configuration
     /// changed, for the caller to act on (BAR moves, MSI).
     pub fn io_write(&mut self, port: u16, data: &[u8]) -> Option<u8> {
-        let value = data.iter().rev().fold(0u32, |v, &b| v << 8 | u32::from(b));
+        let value = le(data);
         match port {
             CONFIG_ADDRESS if data.len() == 4 => {
                 self.address = value;
                 None
             }
             CONFIG_DATA..=0xcff => {
-                let (dev, reg) = self.selected()?;
-                let offset = reg + usize::from(port - CONFIG_DATA);
-                let len = data.len().min(4 - usize::from(port - CONFIG_DATA));
+                let (dev, offset, len) = self.target(port, data.len())?;
                 let f = self.slots[dev as usize].as_mut().expect("selected");
                 f.config.write(offset, len, value);
                 Some(dev)
@@ -232,6 +228,11 @@ impl Bus {
             _ => None,
         }
     }
+}
+
+/// The value of a port access's data (little-endian, up to 4 bytes).
+pub fn le(data: &[u8]) -> u32 {
+    data.iter().rev().fold(0, |v, &b| v << 8 | u32::from(b))
 }
 
 #[cfg(test)]
