@@ -7,12 +7,12 @@ use crate::io::Port;
 // SAFETY: the debug console only prints the bytes written to it.
 const DEBUGCON: Port = unsafe { Port::new(0xe9) };
 
-/// The debug console: one `out` instruction per byte.
+/// The debug console: one string `out` per piece of text.
 pub struct Console;
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        s.bytes().for_each(|byte| DEBUGCON.write8(byte));
+        DEBUGCON.write_bytes(s.as_bytes());
         Ok(())
     }
 }

@@ -64,4 +64,15 @@ impl Port {
             asm!("out dx, eax", in("dx") self.0, in("eax") value, options(nostack, preserves_flags))
         };
     }
+
+    /// Writes `bytes` with one `rep outsb`: a VMM sees a single string I/O
+    /// exit (per page) instead of one exit per byte.
+    pub fn write_bytes(self, bytes: &[u8]) {
+        // SAFETY: as in `read8`; `rsi..rsi + rcx` is `bytes`, which outsb
+        // only reads. The direction flag is clear (the ABI requires it).
+        unsafe {
+            asm!("rep outsb", in("dx") self.0, inout("rsi") bytes.as_ptr() => _,
+                 inout("rcx") bytes.len() => _, options(nostack, preserves_flags, readonly))
+        };
+    }
 }

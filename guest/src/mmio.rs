@@ -35,6 +35,30 @@ impl Mmio {
         (self.base + offset) as *mut T
     }
 
+    pub fn read8(&self, offset: usize) -> u8 {
+        let register = self.register::<u8>(offset);
+        // SAFETY: inside the window that `Mmio::new` vouched for.
+        unsafe { register.read_volatile() }
+    }
+
+    pub fn write8(&self, offset: usize, value: u8) {
+        let register = self.register::<u8>(offset);
+        // SAFETY: as in `read8`.
+        unsafe { register.write_volatile(value) }
+    }
+
+    pub fn read16(&self, offset: usize) -> u16 {
+        let register = self.register::<u16>(offset);
+        // SAFETY: inside the window that `Mmio::new` vouched for, aligned.
+        unsafe { register.read_volatile() }
+    }
+
+    pub fn write16(&self, offset: usize, value: u16) {
+        let register = self.register::<u16>(offset);
+        // SAFETY: as in `read16`.
+        unsafe { register.write_volatile(value) }
+    }
+
     pub fn read32(&self, offset: usize) -> u32 {
         let register = self.register::<u32>(offset);
         // SAFETY: inside the window that `Mmio::new` vouched for, aligned.

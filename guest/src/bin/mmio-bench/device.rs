@@ -1,0 +1,325 @@
+//! The devices the benchmark drives and which register each access type
+//! uses. Every access checks the answer where the device defines one, so
+//! that a broken path cannot pass for a fast one.
+
+use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
+
+use kvm_userdev_guest::cpu::wait_until;
+use kvm_userdev_guest::mmio::Mmio;
+use kvm_userdev_guest::{apic, interrupts, pci, println};
+
+/// Where BAR0 goes: the MMIO hole, which the boot page tables map uncached.
+const BAR_ADDRESS: u32 = 0xe000_0000;
+const MAX_BAR_SIZE: u32 = 1 << 24;
+
+/// A wrong answer from the device.
+pub enum Wrong {
+    Value {
+        register: usize,
+        expected: u32,
+        got: u32,
+    },
+    NoInterrupt,
+}
+
+impl fmt::Display for Wrong {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Wrong::Value {
+                register,
+                expected,
+                got,
+            } => write!(
+                f,
+                "register {register:#x} read {got:#x}, expected {expected:#x}"
+            ),
+            Wrong::NoInterrupt => write!(f, "no interrupt within {IRQ_TIMEOUT_MS} ms"),
+        }
+    }
+}
+
+fn expect(register: usize, expected: u32, got: u32) -> Result<(), Wrong> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Wrong::Value {
+            register,
+            expected,
+            got,
+        })
+    }
+}
+
+pub struct Device {
+    pci: pci::Function,
+    regs: Mmio,
+    kind: Kind,
+}
+
+enum Kind {
+    Edu {
+        /// What the factorial register holds; nothing changes it.
+        factorial: u32,
+        liveness: u32,
+    },
+    Testdev {
+        store: TestdevStore,
+        eventfd: Option<TestdevStore>,
+    },
+}
+
+/// A pci-testdev test: a store of `width` bytes of `data` at `offset`.
+#[derive(Clone, Copy)]
+pub struct TestdevStore {
+    regs: Mmio,
+    offset: usize,
+    width: u8,
+    data: u32,
+}
+
+impl TestdevStore {
+    pub fn store(&self) {
+        match self.width {
+            1 => self.regs.write8(self.offset, self.data as u8),
+            2 => self.regs.write16(self.offset, self.data as u16),
+            _ => self.regs.write32(self.offset, self.data),
+        }
+    }
+}
+
+mod edu {
+    pub const ID: (u16, u16) = (0x1234, 0x11e8);
+    pub const IDENTIFICATION_REG: usize = 0x00;
+    pub const IDENTIFICATION: u32 = 0x0100_00ed;
+    pub const LIVENESS: usize = 0x04;
+    /// The register `cargo xtask bench` tells our emulator to keep out of
+    /// the shadow image, so that its loads reach the emulator.
+    pub const FACTORIAL: usize = 0x08;
+    pub const IRQ_STATUS: usize = 0x24;
+    pub const IRQ_RAISE: usize = 0x60;
+    pub const IRQ_ACKNOWLEDGE: usize = 0x64;
+}
+
+/// QEMU's pci-testdev (docs/specs/pci-testdev.rst): BAR0 starts with the
+/// header of the selected test; a byte store to offset 0 selects a test.
+mod testdev {
+    pub const ID: (u16, u16) = (0x1b36, 0x0005);
+    pub const TEST: usize = 0;
+    pub const WIDTH: usize = 1;
+    pub const OFFSET: usize = 4;
+    pub const DATA: usize = 8;
+    pub const NAME: usize = 16;
+    /// Tests to look through (QEMU has six: three MMIO, three port I/O).
+    pub const MAX_TESTS: u8 = 16;
+}
+
+impl Device {
+    /// The device if `function` is one we can drive, with BAR0 placed and
+    /// memory decoding on.
+    pub fn probe(function: pci::Function) -> Option<Device> {
+        let id = (function.vendor_id(), function.device_id());
+        if id != edu::ID && id != testdev::ID {
+            return None;
+        }
+        let probe = function.probe_bar(0);
+        if probe.flags & 1 != 0 || probe.size == 0 || probe.size > MAX_BAR_SIZE {
+            println!("bench: error {id:04x?}: BAR0 is not memory of at most 16 MiB");
+            return None;
+        }
+        function.set_memory_bar(0, BAR_ADDRESS);
+        function.set_command(pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER);
+        // SAFETY: BAR0 of this device, just placed in the MMIO hole; the
+        // accesses below start no DMA.
+        let regs = unsafe { Mmio::new(BAR_ADDRESS as usize, probe.size as usize) };
+        let kind = if id == edu::ID {
+            Kind::Edu {
+                factorial: regs.read32(edu::FACTORIAL),
+                liveness: 0,
+            }
+        } else {
+            testdev_tests(regs)?
+        };
+        Some(Device {
+            pci: function,
+            regs,
+            kind,
+        })
+    }
+
+    pub fn describe(&self) -> impl fmt::Display + '_ {
+        struct D<'a>(&'a Device);
+        impl fmt::Display for D<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                let d = self.0;
+                let name = match d.kind {
+                    Kind::Edu { .. } => "edu",
+                    Kind::Testdev { .. } => "pci-testdev",
+                };
+                write!(
+                    f,
+                    "{name} {:04x}:{:04x} at {} BAR0 {:#x}",
+                    d.pci.vendor_id(),
+                    d.pci.device_id(),
+                    d.pci.bdf,
+                    d.regs.base()
+                )
+            }
+        }
+        D(self)
+    }
+
+    /// A store that the device takes without a reply.
+    pub fn store(&mut self) {
+        match &mut self.kind {
+            Kind::Edu { liveness, .. } => {
+                *liveness = liveness.wrapping_add(1);
+                self.regs.write32(edu::LIVENESS, *liveness);
+            }
+            Kind::Testdev { store, .. } => store.store(),
+        }
+    }
+
+    /// A load of a register without side effects.
+    pub fn load(&self) -> Result<(), Wrong> {
+        match &self.kind {
+            Kind::Edu { .. } => expect(
+                edu::IDENTIFICATION_REG,
+                edu::IDENTIFICATION,
+                self.regs.read32(edu::IDENTIFICATION_REG),
+            ),
+            Kind::Testdev { store, .. } => expect(
+                testdev::OFFSET,
+                store.offset as u32,
+                self.regs.read32(testdev::OFFSET),
+            ),
+        }
+    }
+
+    /// A load that must reach the device model: for edu, the register our
+    /// emulator is told to forward; under QEMU every load does.
+    pub fn sync_load(&self) -> Result<(), Wrong> {
+        match &self.kind {
+            Kind::Edu { factorial, .. } => {
+                expect(edu::FACTORIAL, *factorial, self.regs.read32(edu::FACTORIAL))
+            }
+            Kind::Testdev { store, .. } => {
+                expect(testdev::DATA, store.data, self.regs.read32(testdev::DATA))
+            }
+        }
+    }
+
+    /// A store, then a load of the same register, which must see it.
+    pub fn store_load(&mut self) -> Result<(), Wrong> {
+        self.store();
+        match &self.kind {
+            Kind::Edu { liveness, .. } => {
+                expect(edu::LIVENESS, !*liveness, self.regs.read32(edu::LIVENESS))
+            }
+            Kind::Testdev { store, .. } => {
+                // What pci-testdev returns there is not defined: not checked.
+                self.regs.read32(store.offset & !3);
+                Ok(())
+            }
+        }
+    }
+
+    /// pci-testdev's wildcard-eventfd test, which QEMU backs with an
+    /// ioeventfd.
+    pub fn eventfd_store(&self) -> Option<TestdevStore> {
+        match self.kind {
+            Kind::Testdev { eventfd, .. } => eventfd,
+            Kind::Edu { .. } => None,
+        }
+    }
+
+    /// An interrupt round trip, if the device has interrupts: raise over
+    /// MSI, the handler reads the status and acknowledges, the guest sees
+    /// the handler ran.
+    pub fn irq_round_trip(&self) -> Option<impl FnMut() -> Result<(), Wrong>> {
+        let Kind::Edu { .. } = self.kind else {
+            return None;
+        };
+        let msi = self.pci.msi()?;
+        IRQ_DEVICE.store(self.regs.base(), SeqCst);
+        interrupts::set_handler(MSI_VECTOR, irq_handler);
+        msi.enable(apic::msi_address(), MSI_VECTOR.into());
+        let regs = self.regs;
+        Some(move || {
+            let before = IRQ_COUNT.load(SeqCst);
+            regs.write32(edu::IRQ_RAISE, 1);
+            if wait_until(IRQ_TIMEOUT_MS, || IRQ_COUNT.load(SeqCst) != before) {
+                Ok(())
+            } else {
+                Err(Wrong::NoInterrupt)
+            }
+        })
+    }
+}
+
+/// Finds pci-testdev's MMIO no-eventfd and wildcard-eventfd tests and
+/// selects the first (loads then read its header).
+fn testdev_tests(regs: Mmio) -> Option<Kind> {
+    let mut store = None;
+    let mut eventfd = None;
+    for test in 0..testdev::MAX_TESTS {
+        regs.write8(testdev::TEST, test);
+        let mut name = [0u8; 32];
+        let mut len = 0;
+        while len < name.len() {
+            match regs.read8(testdev::NAME + len) {
+                0 => break,
+                c => name[len] = c,
+            }
+            len += 1;
+        }
+        let name = core::str::from_utf8(&name[..len]).unwrap_or("");
+        if name.is_empty() {
+            break;
+        }
+        let t = TestdevStore {
+            regs,
+            offset: read32_bytewise(&regs, testdev::OFFSET) as usize,
+            width: regs.read8(testdev::WIDTH),
+            data: read32_bytewise(&regs, testdev::DATA),
+        };
+        println!(
+            "# pci-testdev test {test}: {name}, offset {:#x} width {} data {:#x}",
+            t.offset, t.width, t.data
+        );
+        let usable = matches!(t.width, 1 | 2 | 4)
+            && t.offset.is_multiple_of(usize::from(t.width))
+            && t.offset < 4096;
+        match name {
+            _ if !usable || !name.starts_with("mmio") => {}
+            _ if name.ends_with("no-eventfd") => store = store.or(Some((test, t))),
+            _ if name.ends_with("wildcard-eventfd") => eventfd = eventfd.or(Some(t)),
+            _ => {}
+        }
+    }
+    let Some((test, store)) = store else {
+        println!("bench: error pci-testdev has no usable MMIO no-eventfd test");
+        return None;
+    };
+    regs.write8(testdev::TEST, test);
+    Some(Kind::Testdev { store, eventfd })
+}
+
+fn read32_bytewise(regs: &Mmio, offset: usize) -> u32 {
+    (0..4).fold(0, |v, i| v | u32::from(regs.read8(offset + i)) << (8 * i))
+}
+
+const MSI_VECTOR: u8 = 0x41;
+const IRQ_TIMEOUT_MS: u64 = 3000;
+/// BAR0 address of the device whose interrupts the handler acknowledges.
+static IRQ_DEVICE: AtomicUsize = AtomicUsize::new(0);
+static IRQ_COUNT: AtomicU32 = AtomicU32::new(0);
+
+fn irq_handler(_vector: u8) {
+    // SAFETY: the address is BAR0 of the device `irq_round_trip` set up,
+    // which stays there; reading the status and acknowledging start no DMA.
+    let regs = unsafe { Mmio::new(IRQ_DEVICE.load(SeqCst), 0x100) };
+    let status = regs.read32(edu::IRQ_STATUS);
+    regs.write32(edu::IRQ_ACKNOWLEDGE, status);
+    IRQ_COUNT.fetch_add(1, SeqCst);
+}
