@@ -54,12 +54,24 @@ pub struct Setup {
     /// BAR0 offsets left out of the access map even if the model could
     /// publish them (for measuring forwarded loads).
     pub forward: Vec<u64>,
+    /// How guest accesses arrive.
+    pub transport: Transport,
+}
+
+/// How guest accesses reach the emulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The user device's ring, through the slave fd.
+    Ring,
+    /// Messages from a VMM that takes the exits itself ([`crate::wire`]).
+    Socket,
 }
 
 /// The descriptors of a setup, in the order they travel.
 #[derive(Debug)]
 pub struct SetupFds {
-    pub slave: OwnedFd,
+    /// The slave fd, or with [`Transport::Socket`] the access socket.
+    pub accesses: OwnedFd,
     pub memory: OwnedFd,
     /// (irqfd, resample fd)
     pub intx: Option<(OwnedFd, OwnedFd)>,
@@ -120,6 +132,10 @@ impl Setup {
         for f in &self.forward {
             s += &format!("forward {f:#x}\n");
         }
+        s += match self.transport {
+            Transport::Ring => "transport ring\n",
+            Transport::Socket => "transport socket\n",
+        };
         s
     }
 
@@ -137,6 +153,7 @@ impl Setup {
             msi_enabled: false,
             shadow: true,
             forward: Vec::new(),
+            transport: Transport::Ring,
         };
         for line in lines {
             let mut w = line.split_whitespace();
@@ -170,6 +187,13 @@ impl Setup {
                 "msi-enabled" => setup.msi_enabled = one()?,
                 "shadow" => setup.shadow = one()?,
                 "forward" if args.len() == 1 => setup.forward.push(num(0)?),
+                "transport" => {
+                    setup.transport = match args.as_slice() {
+                        ["ring"] => Transport::Ring,
+                        ["socket"] => Transport::Socket,
+                        _ => return Err(bad(line)),
+                    }
+                }
                 "" => {}
                 _ => return Err(bad(line)),
             }
@@ -194,8 +218,8 @@ pub fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
-/// Sends the setup with its descriptors: slave, memory, [INTx irqfd,
-/// resample fd,] MSI irqfds.
+/// Sends the setup with its descriptors: slave (or access socket), memory,
+/// [INTx irqfd, resample fd,] MSI irqfds.
 pub fn send_setup(
     sock: &UnixDatagram,
     setup: &Setup,
@@ -253,11 +277,11 @@ pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError
         None
     };
     let memory = fds.pop().expect("counted");
-    let slave = fds.pop().expect("counted");
+    let accesses = fds.pop().expect("counted");
     Ok((
         setup,
         SetupFds {
-            slave,
+            accesses,
             memory,
             intx,
             msi,
@@ -298,6 +322,7 @@ mod tests {
             msi_enabled: false,
             shadow: true,
             forward: vec![0x20],
+            transport: Transport::Ring,
         }
     }
 
@@ -306,6 +331,11 @@ mod tests {
         let s = setup();
         assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
         assert_eq!(s.fd_count(), 5);
+        let s = Setup {
+            transport: Transport::Socket,
+            ..s
+        };
+        assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
     }
 
     #[test]
@@ -318,6 +348,7 @@ mod tests {
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nintx 2\n",
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nmsi-vectors 33\n",
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nwhat 1\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\ntransport pigeon\n",
         ] {
             assert!(Setup::decode(text).is_err(), "{text:?}");
         }

@@ -5,7 +5,9 @@
 //! The emulator maps what it needs, enters its [`sandbox`] and then serves
 //! the device ([`serve`]): it consumes guest accesses from the ring in
 //! batches, answers forwarded loads, keeps the shadow image current and
-//! raises interrupts through the irqfds. Device models implement
+//! raises interrupts through the irqfds. For comparison it can also take
+//! accesses over a socket from a VMM that handles the exits itself
+//! ([`wire`]). Device models implement
 //! [`model::DeviceModel`]; [`edu::Edu`] follows QEMU's edu device.
 
 pub mod edu;
@@ -13,6 +15,7 @@ pub mod handoff;
 pub mod model;
 pub mod sandbox;
 pub mod serve;
+pub mod wire;
 
 /// Writes one line to stderr with a single write, so that the lines of
 /// several emulators sharing the VMM's stderr do not interleave.

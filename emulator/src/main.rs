@@ -10,10 +10,12 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
 
-use emulator::handoff::recv_setup;
+use emulator::handoff::{recv_setup, Transport};
 use emulator::model;
 use emulator::sandbox;
-use emulator::serve::{access_map, map_memory, poll_sources, serve, Intx, Platform, SHADOW_SIZE};
+use emulator::serve::{
+    access_map, map_memory, poll_sources, serve, Accesses, Intx, Platform, SHADOW_SIZE,
+};
 use userdev::Slave;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,11 +65,23 @@ fn run() -> Result<(), Box<dyn Error>> {
 
     let mut model = model::by_name(&setup.model)
         .ok_or_else(|| format!("unknown device model {:?}", setup.model))?;
-    let slave = Slave::new(fds.slave)?;
-    let shadow = if setup.shadow {
-        Some(slave.create_shadow(SHADOW_SIZE)?)
-    } else {
-        None
+    // One of the two, by transport.
+    let (slave, socket) = match setup.transport {
+        Transport::Ring => (Some(Slave::new(fds.accesses)?), None),
+        Transport::Socket => {
+            let socket = UnixDatagram::from(fds.accesses);
+            socket.set_nonblocking(true)?;
+            (None, Some(socket))
+        }
+    };
+    let accesses = match (&slave, &socket) {
+        (Some(slave), _) => Accesses::Ring(slave),
+        (None, Some(socket)) => Accesses::Socket(socket),
+        (None, None) => unreachable!("one transport"),
+    };
+    let shadow = match &slave {
+        Some(slave) if setup.shadow => Some(slave.create_shadow(SHADOW_SIZE)?),
+        _ => None,
     };
     let mut platform = Platform {
         memory: map_memory(fds.memory, &setup.memory)?,
@@ -79,12 +93,15 @@ fn run() -> Result<(), Box<dyn Error>> {
         msi_enabled: setup.msi_enabled,
         irq_errors: 0,
     };
-    let poll = poll_sources(&slave, &control, &platform)?;
+    let mut poll = poll_sources(accesses, &control, &platform)?;
 
     let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
     irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
     let report = sandbox::enter(&sandbox::Fds {
-        slave: slave.as_raw_fd(),
+        accesses: match accesses {
+            Accesses::Ring(slave) => sandbox::Accesses::Slave(slave.as_raw_fd()),
+            Accesses::Socket(socket) => sandbox::Accesses::Socket(socket.as_raw_fd()),
+        },
         control: control.as_raw_fd(),
         epoll: poll.as_raw_fd(),
         resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
@@ -105,13 +122,30 @@ fn run() -> Result<(), Box<dyn Error>> {
     let _ = &args.probe;
 
     // Only now is guest-controlled data read: the ring, guest memory.
-    if setup.shadow {
-        model.publish_all(&mut platform);
-        slave.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
+    let served = (|| -> Result<_, Box<dyn Error>> {
+        if let (Some(slave), true) = (&slave, setup.shadow) {
+            model.publish_all(&mut platform);
+            slave.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
+        }
+        Ok(serve(
+            &mut poll,
+            accesses,
+            &control,
+            &mut platform,
+            model.as_mut(),
+        )?)
+    })();
+    // Exit without running destructors: close(2) is not on the allow-list.
+    match served {
+        Ok(exit) => {
+            emulator::log!("emulator[{}]: done ({exit:?})", setup.model);
+            std::process::exit(0)
+        }
+        Err(e) => {
+            emulator::log!("emulator[{}]: {e}", setup.model);
+            std::process::exit(1)
+        }
     }
-    let exit = serve(poll, &slave, &control, &mut platform, model.as_mut())?;
-    emulator::log!("emulator[{}]: done ({exit:?})", setup.model);
-    Ok(())
 }
 
 fn main() -> ExitCode {

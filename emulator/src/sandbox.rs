@@ -55,14 +55,31 @@ pub enum SandboxError {
 
 /// The descriptors the sandboxed emulator keeps using, which its system
 /// calls are pinned to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Fds {
-    pub slave: RawFd,
+    pub accesses: Accesses,
     pub control: RawFd,
     pub epoll: RawFd,
     pub resample: Option<RawFd>,
     /// INTx and MSI irqfds.
     pub irqfds: Vec<RawFd>,
+}
+
+/// Where guest accesses come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Accesses {
+    /// The user device's slave fd: the ring, replies, ioctls.
+    Slave(RawFd),
+    /// A socket from a VMM that forwards its exits (see [`crate::wire`]).
+    Socket(RawFd),
+}
+
+impl Accesses {
+    fn fd(self) -> RawFd {
+        match self {
+            Accesses::Slave(fd) | Accesses::Socket(fd) => fd,
+        }
+    }
 }
 
 /// What the sandbox came to, for the log.
@@ -177,7 +194,7 @@ fn set_limit(
 }
 
 fn limit_resources(fds: &Fds) -> Result<(), SandboxError> {
-    let highest = [fds.slave, fds.control, fds.epoll]
+    let highest = [fds.accesses.fd(), fds.control, fds.epoll]
         .into_iter()
         .chain(fds.resample)
         .chain(fds.irqfds.iter().copied())
@@ -224,9 +241,9 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
             .map(|&fd| SeccompRule::new(vec![fd_is(fd)]).expect("valid rule"))
             .collect()
     };
-    let ioctl = |cmd: u64| {
+    let ioctl = |slave: RawFd, cmd: u64| {
         SeccompRule::new(vec![
-            fd_is(fds.slave),
+            fd_is(slave),
             Cond::new(1, Len::Dword, Cmp::Eq, cmd).expect("valid condition"),
         ])
         .expect("valid rule")
@@ -234,28 +251,41 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     let no_exec = Cond::new(2, Len::Dword, Cmp::MaskedEq(libc::PROT_EXEC as u64), 0)
         .expect("valid condition");
 
-    let mut writers = vec![libc::STDERR_FILENO, fds.slave];
+    let mut writers = vec![libc::STDERR_FILENO];
     writers.extend(&fds.irqfds);
+    let mut receivers = vec![fds.control];
     let mut rules = BTreeMap::new();
+    match fds.accesses {
+        Accesses::Slave(slave) => {
+            // Replies to forwarded loads.
+            writers.push(slave);
+            // Waking vCPUs that wait for ring space; access-map updates.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![
+                    ioctl(slave, userdev::sys::KVM_USER_WAKE()),
+                    ioctl(slave, userdev::sys::KVM_USER_SET_ACCESS_MAP()),
+                ],
+            );
+        }
+        Accesses::Socket(socket) => {
+            // Accesses in, replies out (std sends on a connected socket
+            // with write(2)).
+            receivers.push(socket);
+            writers.push(socket);
+        }
+    }
     // Event loop: wait on our epoll instance (mio uses either call).
     rules.insert(libc::SYS_epoll_wait, on_fds(&[fds.epoll]));
     rules.insert(libc::SYS_epoll_pwait, on_fds(&[fds.epoll]));
-    // Replies to the slave, irqfd triggers, log lines on stderr.
+    // Irqfd triggers, log lines on stderr, replies to loads.
     rules.insert(libc::SYS_write, on_fds(&writers));
     // The INTx resample eventfd.
     if let Some(fd) = fds.resample {
         rules.insert(libc::SYS_read, on_fds(&[fd]));
     }
-    // Control messages from the VMM (recv(2) is recvfrom on x86-64).
-    rules.insert(libc::SYS_recvfrom, on_fds(&[fds.control]));
-    // Waking vCPUs that wait for ring space; access-map updates.
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            ioctl(userdev::sys::KVM_USER_WAKE()),
-            ioctl(userdev::sys::KVM_USER_SET_ACCESS_MAP()),
-        ],
-    );
+    // Control messages from the VMM, forwarded accesses (recv(2) is recvfrom on x86-64).
+    rules.insert(libc::SYS_recvfrom, on_fds(&receivers));
     // The allocator: never executable memory.
     rules.insert(
         libc::SYS_mmap,
@@ -320,7 +350,7 @@ mod tests {
     #[test]
     fn filter_compiles_and_pins_fds() {
         let fds = Fds {
-            slave: 3,
+            accesses: Accesses::Slave(3),
             control: 4,
             epoll: 5,
             resample: Some(7),
@@ -335,8 +365,17 @@ mod tests {
         filter(allowed(&fds)).unwrap();
         let no_intx = Fds {
             resample: None,
-            ..fds
+            ..fds.clone()
         };
         assert!(!allowed(&no_intx).contains_key(&libc::SYS_read));
+        let socket = Fds {
+            accesses: Accesses::Socket(3),
+            ..fds
+        };
+        let rules = allowed(&socket);
+        assert!(!rules.contains_key(&libc::SYS_ioctl));
+        assert_eq!(rules[&libc::SYS_recvfrom].len(), 2);
+        assert_eq!(rules[&libc::SYS_write].len(), 4);
+        filter(rules).unwrap();
     }
 }

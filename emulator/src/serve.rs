@@ -2,7 +2,7 @@
 //! control messages from the VMM, and INTx resampling, on one mio poll.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
 use mio::unix::SourceFd;
@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::handoff::Control;
 use crate::model::{DeviceModel, Env};
+use crate::wire;
 use userdev::{Access, MapEntry, Op, Reply, Shadow, Slave};
 
 /// The range id the VMM gives BAR0.
@@ -19,7 +20,7 @@ pub const BAR0_RANGE: u32 = 0;
 /// The shadow image mirrors BAR0's first page at the same offsets.
 pub const SHADOW_SIZE: usize = 4096;
 
-const SLAVE: Token = Token(0);
+const ACCESSES: Token = Token(0);
 const CONTROL: Token = Token(1);
 const RESAMPLE: Token = Token(2);
 
@@ -153,16 +154,38 @@ pub enum ServeError {
     Device(#[from] userdev::Error),
 }
 
+/// Where guest accesses come from.
+#[derive(Clone, Copy)]
+pub enum Accesses<'a> {
+    /// The user device's ring.
+    Ring(&'a Slave),
+    /// A VMM forwarding its exits ([`crate::wire`]); non-blocking.
+    Socket(&'a UnixDatagram),
+}
+
+impl AsRawFd for Accesses<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Accesses::Ring(slave) => slave.as_raw_fd(),
+            Accesses::Socket(socket) => socket.as_raw_fd(),
+        }
+    }
+}
+
 /// The poll instance with every source registered, made before the
 /// sandbox (whose filter pins epoll_wait to it) goes up.
 pub fn poll_sources(
-    slave: &Slave,
+    accesses: Accesses,
     control: &UnixDatagram,
     platform: &Platform,
 ) -> io::Result<Poll> {
     let poll = Poll::new()?;
     let reg = poll.registry();
-    reg.register(&mut SourceFd(&slave.as_raw_fd()), SLAVE, Interest::READABLE)?;
+    reg.register(
+        &mut SourceFd(&accesses.as_raw_fd()),
+        ACCESSES,
+        Interest::READABLE,
+    )?;
     reg.register(
         &mut SourceFd(&control.as_raw_fd()),
         CONTROL,
@@ -180,8 +203,8 @@ pub fn poll_sources(
 
 /// Serves the device until the VM or the VMM goes away.
 pub fn serve(
-    mut poll: Poll,
-    slave: &Slave,
+    poll: &mut Poll,
+    accesses: Accesses,
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
@@ -199,7 +222,7 @@ pub fn serve(
             match event.token() {
                 CONTROL if !drain_control(control, platform) => return Ok(Exit::VmmGone),
                 RESAMPLE => resampled = true,
-                SLAVE if event.is_read_closed() => return Ok(Exit::DeviceGone),
+                ACCESSES if event.is_read_closed() => return Ok(Exit::DeviceGone),
                 _ => {}
             }
         }
@@ -208,10 +231,18 @@ pub fn serve(
         if resampled {
             platform.take_resample();
         }
-        match serve_ring(slave, control, platform, model, &mut replies) {
-            Ok(()) => {}
-            Err(userdev::Error::DeviceGone) => return Ok(Exit::DeviceGone),
-            Err(e) => return Err(e.into()),
+        let open = match accesses {
+            Accesses::Ring(slave) => {
+                match serve_ring(slave, control, platform, model, &mut replies) {
+                    Ok(()) => true,
+                    Err(userdev::Error::DeviceGone) => false,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Accesses::Socket(socket) => serve_socket(socket, control, platform, model)?,
+        };
+        if !open {
+            return Ok(Exit::DeviceGone);
         }
         if resampled {
             platform.reassert();
@@ -240,6 +271,39 @@ fn serve_ring(
         slave.consume_max(pending, |a: &Access| handle(a, platform, model, replies))?;
         if !replies.is_empty() {
             slave.reply(replies)?;
+        }
+    }
+}
+
+/// Takes forwarded accesses until none is left; false once the VMM's end
+/// is closed.
+fn serve_socket(
+    socket: &UnixDatagram,
+    control: &UnixDatagram,
+    platform: &mut Platform,
+    model: &mut dyn DeviceModel,
+) -> io::Result<bool> {
+    // As on the ring: control messages sent before these accesses first.
+    drain_control(control, platform);
+    let mut buf = [0u8; wire::ACCESS_LEN + 1];
+    let mut replies = Vec::with_capacity(1);
+    loop {
+        let n = match socket.recv(&mut buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(access) = wire::decode_access(&buf[..n]) else {
+            crate::log!("emulator: ignoring a malformed access message");
+            continue;
+        };
+        replies.clear();
+        handle(&access, platform, model, &mut replies);
+        for r in &replies {
+            // A VMM that is gone shows as end of file on the next recv.
+            let _ = socket.send(&wire::encode_reply(r));
         }
     }
 }
