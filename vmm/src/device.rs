@@ -1,17 +1,24 @@
-//! A PCI device whose BAR0 is a user device served by an emulator process,
-//! and the supervision of that process: start, report its end, restart.
+//! A PCI device whose BAR0 is served by an emulator process, and the
+//! supervision of that process: start, report its end, restart.
+//!
+//! Normally BAR0 is a user device and the emulator takes the accesses from
+//! its ring. For comparison, the transport can instead be a socket: BAR0
+//! accesses then exit to the VMM, whose vCPU thread forwards them
+//! ([`UserDevice::forward`]), the classic out-of-process path.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use emulator::handoff::{self, Control, MemRegion, Setup};
-use userdev::{Master, Range, Stats};
+use emulator::handoff::{self, Control, MemRegion, Setup, Transport};
+use emulator::wire;
+use userdev::{Access, Master, Op, Range, Stats};
 
 use crate::spawn::{self, Child, ExitStatus};
 
@@ -27,7 +34,12 @@ pub struct EmulatorSpec {
     pub restart: bool,
     /// How long a vCPU waits for the emulator (the kernel's default: 1 s).
     pub access_timeout: Option<Duration>,
+    pub transport: Transport,
 }
+
+/// How long a forwarded load waits for its reply by default, as the
+/// kernel's user device does.
+const DEFAULT_ACCESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -53,6 +65,8 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
 struct Supervised {
     child: Option<Child>,
     control: Option<UnixDatagram>,
+    /// With [`Transport::Socket`]: the VMM's end of the access socket.
+    accesses: Option<Arc<UnixDatagram>>,
     /// Bumped whenever an emulator ends.
     generation: u64,
     exits: Vec<ExitStatus>,
@@ -61,7 +75,8 @@ struct Supervised {
 
 pub struct UserDevice {
     pub name: String,
-    pub master: Master,
+    /// The user device (none with the socket transport).
+    pub master: Option<Master>,
     spec: EmulatorSpec,
     memory_file: std::fs::File,
     memory: Vec<MemRegion>,
@@ -70,6 +85,10 @@ pub struct UserDevice {
     msi: EventFd,
     state: Mutex<Supervised>,
     ended: Condvar,
+    /// Socket transport: the next access's sequence number, and loads
+    /// that got no reply in time.
+    next_seq: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 const RANGE_BAR0: u32 = emulator::serve::BAR0_RANGE;
@@ -90,10 +109,16 @@ impl UserDevice {
         intx_gsi: u32,
         msi_gsi: u32,
     ) -> Result<Arc<Self>, DeviceError> {
-        let master = Master::create(vm)?;
-        if let Some(t) = spec.access_timeout {
-            master.set_timeout(t)?;
-        }
+        let master = match spec.transport {
+            Transport::Ring => {
+                let master = Master::create(vm)?;
+                if let Some(t) = spec.access_timeout {
+                    master.set_timeout(t)?;
+                }
+                Some(master)
+            }
+            Transport::Socket => None,
+        };
         let (intx, resample, msi) = (eventfd()?, eventfd()?, eventfd()?);
         vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)?;
         vm.register_irqfd(&msi, msi_gsi)?;
@@ -114,22 +139,82 @@ impl UserDevice {
             state: Mutex::new(Supervised {
                 child: None,
                 control: None,
+                accesses: None,
                 generation: 0,
                 exits: Vec::new(),
                 msi_enabled: false,
             }),
             ended: Condvar::new(),
+            next_seq: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
         }))
     }
 
     /// Places BAR0 at `addr` (moving it if needed) or, with `None`,
     /// removes it.
     pub fn set_bar0(&self, addr: Option<u64>, size: u64) -> Result<(), DeviceError> {
+        // Without a user device, BAR0 accesses simply exit to the VMM.
+        let Some(master) = &self.master else {
+            return Ok(());
+        };
         match addr {
-            Some(a) => self.master.set_range(RANGE_BAR0, Range::mmio(a, size))?,
-            None => self.master.remove_range(RANGE_BAR0)?,
+            Some(a) => master.set_range(RANGE_BAR0, Range::mmio(a, size))?,
+            None => master.remove_range(RANGE_BAR0)?,
         }
         Ok(())
+    }
+
+    /// Socket transport: hands a BAR0 access that exited to the VMM to the
+    /// emulator; for a load, waits for the value. Like the user device, a
+    /// load that gets no reply in time, or no emulator, reads all-ones.
+    pub fn forward(&self, op: Op, offset: u64, len: u8, data: u64) -> u64 {
+        let socket = self.state.lock().expect("device lock").accesses.clone();
+        let Some(socket) = socket else { return !0 };
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let access = Access {
+            seq,
+            range: RANGE_BAR0,
+            offset,
+            len,
+            op,
+            data,
+            vcpu: 0,
+        };
+        if socket.send(&wire::encode_access(&access)).is_err() {
+            return !0;
+        }
+        if op == Op::Store {
+            return 0;
+        }
+        let mut buf = [0u8; wire::REPLY_LEN];
+        loop {
+            let reply = match socket.recv(&mut buf) {
+                Ok(n) => wire::decode_reply(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) {
+                        self.timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return !0;
+                }
+            };
+            match reply {
+                Some(r) if r.seq == seq => return r.data,
+                // A late reply to a load that timed out: drop it.
+                Some(r) if r.seq < seq => {}
+                // End of file (the emulator is gone), or garbage.
+                _ => return !0,
+            }
+        }
+    }
+
+    /// Socket transport: loads that read all-ones because no reply came in
+    /// time.
+    pub fn forward_timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
     }
 
     /// The guest turned MSI on or off: tell the emulator, which picks the
@@ -145,8 +230,10 @@ impl UserDevice {
         }
     }
 
-    pub fn stats(&self) -> Result<Stats, DeviceError> {
-        Ok(self.master.stats()?)
+    /// The user device's counters (none with the socket transport).
+    pub fn stats(&self) -> Option<Result<Stats, DeviceError>> {
+        let master = self.master.as_ref()?;
+        Some(master.stats().map_err(DeviceError::from))
     }
 
     /// How the emulators of this device ended so far.
@@ -168,7 +255,19 @@ impl UserDevice {
     }
 
     fn start_locked(&self, st: &mut Supervised) -> Result<(), DeviceError> {
-        let slave = self.create_slave()?;
+        // What the emulator takes accesses from: a new slave, or its end of
+        // a new access socket.
+        let (accesses, vmm_end): (std::os::fd::OwnedFd, _) = match &self.master {
+            Some(master) => (self.create_slave(master)?, None),
+            None => {
+                let (vmm_end, theirs) = handoff::socketpair().map_err(io("socketpair"))?;
+                let timeout = self.spec.access_timeout.unwrap_or(DEFAULT_ACCESS_TIMEOUT);
+                vmm_end
+                    .set_read_timeout(Some(timeout))
+                    .map_err(io("access socket timeout"))?;
+                (theirs.into(), Some(Arc::new(vmm_end)))
+            }
+        };
         let (ours, theirs) = handoff::socketpair().map_err(io("socketpair"))?;
         let child = spawn::spawn(&self.spec.program, &self.spec.args, &theirs)
             .map_err(io("start emulator"))?;
@@ -181,9 +280,10 @@ impl UserDevice {
             msi_enabled: st.msi_enabled,
             shadow: self.spec.shadow,
             forward: self.spec.forward.clone(),
+            transport: self.spec.transport,
         };
         let fds: [&dyn AsRawFd; 5] = [
-            &slave,
+            &accesses,
             &self.memory_file,
             &self.intx,
             &self.resample,
@@ -200,6 +300,7 @@ impl UserDevice {
         eprintln!("vmm: {}: emulator pid {} started", self.name, child.pid);
         st.child = Some(child);
         st.control = Some(ours);
+        st.accesses = vmm_end;
         Ok(())
     }
 
@@ -207,10 +308,10 @@ impl UserDevice {
     /// it when the last reference (the dead emulator's descriptor and
     /// mappings) goes, which is done by the time the process is reaped;
     /// retry briefly all the same.
-    fn create_slave(&self) -> Result<std::os::fd::OwnedFd, DeviceError> {
+    fn create_slave(&self, master: &Master) -> Result<std::os::fd::OwnedFd, DeviceError> {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            match self.master.create_slave(true) {
+            match master.create_slave(true) {
                 Err(userdev::Error::SlaveAttached) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
@@ -236,6 +337,7 @@ impl UserDevice {
             eprintln!("vmm: {}: emulator pid {pid} {status}", self.name);
             st.child = None;
             st.control = None;
+            st.accesses = None;
             st.exits.push(status);
             st.generation += 1;
             let restarted = self.spec.restart && {

@@ -10,6 +10,7 @@
 
 pub mod boot;
 pub mod device;
+pub mod inprocess;
 pub mod irq;
 pub mod machine;
 pub mod memory;

@@ -1,15 +1,21 @@
-//! The VM: RAM, the in-kernel irqchip, one vCPU, PCI bus 0 with one user
-//! device per emulated device, and the vCPU loop, which only sees the slow
-//! path (PCI configuration, the debug ports, stray MMIO).
+//! The VM: RAM, the in-kernel irqchip, one vCPU, PCI bus 0 with one device
+//! per entry of the configuration, and the vCPU loop. With user devices
+//! (the normal case) that loop only sees the slow path (PCI configuration,
+//! the debug ports, stray MMIO); the classic paths kept for comparison,
+//! a model inside the VMM or accesses forwarded over a socket, are served
+//! from it.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use userdev::Op;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::device::{DeviceError, EmulatorSpec, UserDevice};
+use crate::inprocess::InProcessDevice;
 use crate::memory::Ram;
 use crate::pci::{self, Function};
 use crate::{boot, irq};
@@ -29,9 +35,24 @@ pub struct Config {
     pub payload: PathBuf,
     pub cmdline: String,
     pub ram_mib: u64,
-    /// One device per entry, each with its own emulator.
+    /// One device per entry.
     pub devices: Vec<EmulatorSpec>,
+    pub serve: Serve,
+    /// An MMIO address where a store is absorbed by an ioeventfd: the
+    /// floor for a store that needs no reply.
+    pub doorbell: Option<u64>,
     pub timeout: Option<std::time::Duration>,
+}
+
+/// Who serves the devices' BAR0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serve {
+    /// A user device per device, served by a sandboxed emulator process.
+    User,
+    /// The device model in the VMM, on KVM_EXIT_MMIO.
+    InProcess,
+    /// KVM_EXIT_MMIO forwarded to the emulator process over a socket.
+    Socket,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +75,20 @@ pub enum MachineError {
     Guest(String),
 }
 
+/// What serves a device.
+pub enum Backend {
+    /// An emulator process, through a user device or a socket.
+    Emulator(Arc<UserDevice>),
+    InProcess(InProcessDevice),
+}
+
 /// A device and where it sits on the bus.
 pub struct Slot {
-    pub device: Arc<UserDevice>,
+    pub name: String,
+    pub backend: Backend,
     pub pci_device: u8,
     bar0: Option<u64>,
+    bar0_size: u64,
     msi: Option<pci::MsiMessage>,
     msi_gsi: u32,
 }
@@ -70,13 +100,14 @@ pub struct Machine {
     vcpu: VcpuFd,
     bus: pci::Bus,
     pub slots: Vec<Slot>,
+    _doorbell: Option<EventFd>,
 }
 
 impl Machine {
     pub fn new(config: &Config) -> Result<Self, MachineError> {
         let kvm = Kvm::new()?;
         let vm = kvm.create_vm()?;
-        if !userdev::Master::probe(&vm) {
+        if config.serve == Serve::User && !userdev::Master::probe(&vm) {
             return Err(MachineError::NoUserDevice);
         }
         vm.create_irq_chip()?;
@@ -105,26 +136,49 @@ impl Machine {
                 .add(Function::endpoint(&identity, intx_gsi as u8))
                 .expect("fewer devices than slots");
             let name = format!("{} at 00:{pci_device:02x}.0", spec.model);
-            let dev = UserDevice::new(
-                &vm,
-                name,
-                spec.clone(),
-                ram.file(),
-                ram.layout(),
-                intx_gsi,
-                msi_gsi,
-            )
-            .map_err(|source| MachineError::Device { index, source })?;
-            dev.start()
-                .map_err(|source| MachineError::Device { index, source })?;
+            let device_error = |source| MachineError::Device { index, source };
+            let backend = match config.serve {
+                Serve::User | Serve::Socket => {
+                    let dev = UserDevice::new(
+                        &vm,
+                        name.clone(),
+                        spec.clone(),
+                        ram.file(),
+                        ram.layout(),
+                        intx_gsi,
+                        msi_gsi,
+                    )
+                    .map_err(device_error)?;
+                    dev.start().map_err(device_error)?;
+                    Backend::Emulator(dev)
+                }
+                Serve::InProcess => {
+                    let model = emulator::model::by_name(&spec.model).expect("known model");
+                    let dev =
+                        InProcessDevice::new(&vm, model, ram.memory.clone(), intx_gsi, msi_gsi)
+                            .map_err(|e| device_error(e.into()))?;
+                    Backend::InProcess(dev)
+                }
+            };
             slots.push(Slot {
-                device: dev,
+                name,
+                backend,
                 pci_device,
                 bar0: None,
+                bar0_size: identity.bar0_size,
                 msi: None,
                 msi_gsi,
             });
         }
+        let doorbell = match config.doorbell {
+            Some(addr) => {
+                let fd =
+                    EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(kvm_ioctls::Error::from)?;
+                vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), NoDatamatch)?;
+                Some(fd)
+            }
+            None => None,
+        };
         irq::set_routing(&vm, &[])?;
         Ok(Machine {
             _kvm: kvm,
@@ -133,6 +187,7 @@ impl Machine {
             vcpu,
             bus,
             slots,
+            _doorbell: doorbell,
         })
     }
 
@@ -168,10 +223,15 @@ impl Machine {
                     pci::CONFIG_ADDRESS..=0xcff => self.bus.io_read(port, data),
                     _ => data.fill(0xff),
                 },
-                // Nothing decodes here (an old BAR address, say): a master
-                // abort reads all-ones.
-                VcpuExit::MmioRead(_, data) => data.fill(0xff),
-                VcpuExit::MmioWrite(..) => {}
+                VcpuExit::MmioRead(addr, data) => {
+                    let value = mmio(&mut self.slots, &self.vm, addr, data.len(), None);
+                    let n = data.len().min(8);
+                    data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    let value = data.iter().rev().fold(0, |v, &b| v << 8 | u64::from(b));
+                    mmio(&mut self.slots, &self.vm, addr, data.len(), Some(value));
+                }
                 VcpuExit::Hlt => {
                     return Err(MachineError::Guest("halted with interrupts off".into()))
                 }
@@ -203,14 +263,12 @@ impl Machine {
 
     fn control(&self, value: u32) {
         let (command, index) = (value >> 8, (value & 0xff) as usize);
-        match (command, self.slots.get(index)) {
-            (CONTROL_KILL, Some(slot)) => {
-                eprintln!(
-                    "vmm: guest asks to kill the emulator of {}",
-                    slot.device.name
-                );
-                if let Err(e) = slot.device.kill_emulator() {
-                    eprintln!("vmm: {}: {e}", slot.device.name);
+        let slot = self.slots.get(index);
+        match (command, slot.map(|s| &s.backend)) {
+            (CONTROL_KILL, Some(Backend::Emulator(dev))) => {
+                eprintln!("vmm: guest asks to kill the emulator of {}", dev.name);
+                if let Err(e) = dev.kill_emulator() {
+                    eprintln!("vmm: {}: {e}", dev.name);
                 }
             }
             _ => eprintln!("vmm: unknown control request {value:#x}"),
@@ -227,9 +285,13 @@ impl Machine {
         let (bar0, size, msi) = (function.bar0(), function.bar0_size(), function.msi());
         let slot = &mut self.slots[i];
         if bar0 != slot.bar0 {
-            match slot.device.set_bar0(bar0, size) {
+            let placed = match &slot.backend {
+                Backend::Emulator(dev) => dev.set_bar0(bar0, size),
+                Backend::InProcess(_) => Ok(()),
+            };
+            match placed {
                 Ok(()) => slot.bar0 = bar0,
-                Err(e) => eprintln!("vmm: {}: BAR0 at {bar0:x?}: {e}", slot.device.name),
+                Err(e) => eprintln!("vmm: {}: BAR0 at {bar0:x?}: {e}", slot.name),
             }
         }
         if msi != slot.msi {
@@ -243,10 +305,38 @@ impl Machine {
             if let Err(e) = irq::set_routing(&self.vm, &routes) {
                 eprintln!("vmm: GSI routing: {e}");
             }
-            let slot = &self.slots[i];
             if was_enabled != msi.is_some() {
-                slot.device.set_msi_enabled(msi.is_some());
+                match &mut self.slots[i].backend {
+                    Backend::Emulator(dev) => dev.set_msi_enabled(msi.is_some()),
+                    Backend::InProcess(dev) => dev.set_msi_enabled(msi.is_some()),
+                }
             }
         }
+    }
+}
+
+/// An MMIO access that exited to the VMM: a store if `store` holds its
+/// data, else a load, whose value is returned. BAR0 of a device served by
+/// exits goes to its model or emulator; anything else decodes nowhere (an
+/// old BAR address, say) and reads all-ones, as a master abort does.
+fn mmio(slots: &mut [Slot], vm: &VmFd, addr: u64, len: usize, store: Option<u64>) -> u64 {
+    let hit = slots.iter_mut().find_map(|s| {
+        let base = s.bar0?;
+        (base..base + s.bar0_size)
+            .contains(&addr)
+            .then(|| (addr - base, &mut s.backend))
+    });
+    let len = len as u8;
+    match (hit, store) {
+        (Some((offset, Backend::InProcess(dev))), None) => dev.load(vm, offset, len),
+        (Some((offset, Backend::InProcess(dev))), Some(data)) => {
+            dev.store(vm, offset, len, data);
+            0
+        }
+        (Some((offset, Backend::Emulator(dev))), None) => dev.forward(Op::Load, offset, len, 0),
+        (Some((offset, Backend::Emulator(dev))), Some(data)) => {
+            dev.forward(Op::Store, offset, len, data)
+        }
+        (None, _) => !0,
     }
 }

@@ -1,5 +1,6 @@
 //! `vmm`: runs a guest payload with edu devices, each served by its own
-//! sandboxed emulator process through a KVM_DEV_TYPE_USER device.
+//! sandboxed emulator process through a KVM_DEV_TYPE_USER device (or, for
+//! comparison, by the classic exit paths: `--serve in-process|socket`).
 //!
 //! Exit status: the value the guest wrote to the exit port (0 = its tests
 //! passed), 2 if the VMM failed, 124 if `--timeout` expired.
@@ -8,9 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use emulator::handoff::Transport;
 use vmm::device::EmulatorSpec;
-use vmm::machine::{Config, Machine};
+use vmm::machine::{Backend, Config, Machine, Serve};
 
 #[derive(Parser, Debug)]
 #[command(about = "A minimal KVM VMM whose PCI devices are served by sandboxed emulator processes")]
@@ -46,9 +48,25 @@ struct Args {
     /// in milliseconds (1 to 10000; the kernel's default is 1000).
     #[arg(long)]
     access_timeout_ms: Option<u64>,
+    /// Who serves BAR0: `user` (a user device and a sandboxed emulator),
+    /// `in-process` (the model in the VMM, on MMIO exits), `socket` (MMIO
+    /// exits forwarded to the sandboxed emulator over a UNIX socket).
+    #[arg(long, value_enum, default_value_t = ServeArg::User)]
+    serve: ServeArg,
+    /// Put an ioeventfd at this MMIO address (a store there costs only the
+    /// exit into KVM).
+    #[arg(long, value_parser = parse_offset)]
+    doorbell: Option<u64>,
     /// Give up (exit 124) if the guest has not finished after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ServeArg {
+    User,
+    InProcess,
+    Socket,
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -71,12 +89,23 @@ fn main() -> ExitCode {
         forward: args.forward.clone(),
         restart: args.restart,
         access_timeout: args.access_timeout_ms.map(Duration::from_millis),
+        transport: match args.serve {
+            ServeArg::Socket => Transport::Socket,
+            _ => Transport::Ring,
+        },
+    };
+    let serve = match args.serve {
+        ServeArg::User => Serve::User,
+        ServeArg::InProcess => Serve::InProcess,
+        ServeArg::Socket => Serve::Socket,
     };
     let config = Config {
         payload: args.payload.clone(),
         cmdline: args.cmdline.clone(),
         ram_mib: args.memory,
         devices: vec![spec; args.edu],
+        serve,
+        doorbell: args.doorbell,
         timeout: args.timeout.map(Duration::from_secs),
     };
     if let Some(t) = config.timeout {
@@ -95,21 +124,7 @@ fn main() -> ExitCode {
     };
     let result = machine.run();
     for slot in &machine.slots {
-        let d = &slot.device;
-        match d.stats() {
-            Ok(s) => eprintln!(
-                "vmm: stats {}: posted_stores={} shadow_loads={} forwarded_loads={} timeouts={} dropped_stores={} queue_full_waits={} detached_loads={}",
-                d.name,
-                s.posted_stores,
-                s.shadow_loads,
-                s.forwarded_loads,
-                s.timeouts,
-                s.dropped_stores,
-                s.queue_full_waits,
-                s.detached_loads
-            ),
-            Err(e) => eprintln!("vmm: stats {}: {e}", d.name),
-        }
+        print_stats(slot);
     }
     match result {
         Ok(status) => {
@@ -119,6 +134,33 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vmm: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// What served the device's accesses, on stderr.
+fn print_stats(slot: &vmm::machine::Slot) {
+    let name = &slot.name;
+    match &slot.backend {
+        Backend::Emulator(d) => match d.stats() {
+            Some(Ok(s)) => eprintln!(
+                "vmm: stats {name}: posted_stores={} shadow_loads={} forwarded_loads={} timeouts={} dropped_stores={} queue_full_waits={} detached_loads={}",
+                s.posted_stores,
+                s.shadow_loads,
+                s.forwarded_loads,
+                s.timeouts,
+                s.dropped_stores,
+                s.queue_full_waits,
+                s.detached_loads
+            ),
+            Some(Err(e)) => eprintln!("vmm: stats {name}: {e}"),
+            None => eprintln!(
+                "vmm: stats {name}: socket timeouts={}",
+                d.forward_timeouts()
+            ),
+        },
+        Backend::InProcess(d) => {
+            eprintln!("vmm: stats {name}: in-process irq_errors={}", d.irq_errors())
         }
     }
 }
