@@ -69,9 +69,14 @@ impl Run {
 
 /// Runs the VMM with the edu-test payload; the output is echoed for the log.
 fn vmm(args: &[&str], emulator: Option<PathBuf>) -> Run {
+    vmm_with("edu-test", args, emulator)
+}
+
+/// Runs the VMM with guest payload `payload`.
+fn vmm_with(payload: &str, args: &[&str], emulator: Option<PathBuf>) -> Run {
     let mut cmd = Command::new(repo().join("target/debug/vmm"));
     cmd.arg("--payload")
-        .arg(repo().join("target/guest/release/edu-test"))
+        .arg(repo().join("target/guest/release").join(payload))
         .args(["--timeout", "300"])
         // The debug kernel under nested TCG can be slow to schedule the
         // emulator: give loads the longest wait, so that only a dead
@@ -113,6 +118,78 @@ fn edu_features_through_the_user_device() {
     assert!(s.shadow_loads > 0 && s.posted_stores > 0, "{s:?}");
     assert_clean(s);
     assert_eq!(run.count("was killed"), 0);
+}
+
+/// The benchmark's classic paths serve the same model: in the VMM on
+/// MMIO exits, and in the sandboxed emulator over a socket.
+#[test]
+fn edu_features_served_in_the_vmm() {
+    let run = vmm(
+        &["--serve", "in-process", "--cmdline", "mode=full devices=1"],
+        None,
+    );
+    run.assert_guest_passed();
+    assert_eq!(run.count("in-process irq_errors=0"), 1);
+    assert_eq!(run.count("emulator pid"), 0);
+}
+
+#[test]
+fn edu_features_forwarded_over_a_socket() {
+    let run = vmm(
+        &["--serve", "socket", "--cmdline", "mode=full devices=1"],
+        None,
+    );
+    run.assert_guest_passed();
+    assert_eq!(run.count("socket timeouts=0"), 1);
+    assert_eq!(run.count("was killed"), 0);
+}
+
+/// The benchmark payload checks every answer it times; under the user
+/// device its accesses take the paths the benchmark says they take.
+#[test]
+fn bench_payload_paths() {
+    const SAMPLES: u64 = 20;
+    let cmdline = format!("samples={SAMPLES} warmup=2 doorbell=0xd0000000");
+    let run = vmm_with(
+        "mmio-bench",
+        &[
+            "--cmdline",
+            &cmdline,
+            "--doorbell",
+            "0xd0000000",
+            "--forward",
+            "0x8",
+        ],
+        None,
+    );
+    assert!(
+        run.status == Some(0) && run.stdout.contains("bench: done"),
+        "mmio-bench did not finish cleanly (status {:?})",
+        run.status
+    );
+    for access in [
+        "cpuid",
+        "ioeventfd-store",
+        "store",
+        "load",
+        "sync-load",
+        "store-load",
+        "irq",
+    ] {
+        assert!(
+            run.stdout
+                .contains(&format!("bench: samples {access} {SAMPLES} ")),
+            "no {access} samples"
+        );
+    }
+    let s = &run.stats()[0];
+    assert_clean(s);
+    // Loads of the identification register, one per timed load: from the
+    // shadow image; the forwarded factorial register: from the emulator.
+    let timed = SAMPLES + 2;
+    assert!(s.shadow_loads >= timed, "{s:?}");
+    assert!(s.forwarded_loads >= timed, "{s:?}");
+    assert!(s.posted_stores >= 3 * timed, "{s:?}");
 }
 
 #[test]
