@@ -145,10 +145,14 @@ fn edu_features_forwarded_over_a_socket() {
 }
 
 /// The benchmark payload checks every answer it times; under the user
-/// device its accesses take the paths the benchmark says they take.
+/// device its accesses take the paths the benchmark says they take. Run
+/// with polling on both sides, as the benchmark's polling variant does, so
+/// that the kernel's reply watch runs here too.
 #[test]
 fn bench_payload_paths() {
     const SAMPLES: u64 = 20;
+    const POLL_NS: &str = "/sys/module/kvm/parameters/user_dev_poll_ns";
+    std::fs::write(POLL_NS, "100000").expect("set kvm.user_dev_poll_ns");
     let cmdline = format!("samples={SAMPLES} warmup=2 doorbell=0xd0000000");
     let run = vmm_with(
         "mmio-bench",
@@ -159,9 +163,12 @@ fn bench_payload_paths() {
             "0xd0000000",
             "--forward",
             "0x8",
+            "--emulator-arg=--poll-us",
+            "--emulator-arg=200",
         ],
         None,
     );
+    std::fs::write(POLL_NS, "0").expect("reset kvm.user_dev_poll_ns");
     assert!(
         run.status == Some(0) && run.stdout.contains("bench: done"),
         "mmio-bench did not finish cleanly (status {:?})",

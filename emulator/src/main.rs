@@ -1,7 +1,9 @@
 //! `kvm-userdev-emulator`: serves one user device for a VMM that started it
 //! in fresh namespaces with the handoff socket as a descriptor.
 //!
-//! Usage: `kvm-userdev-emulator [--socket-fd N]` (default 3); built with the
+//! Usage: `kvm-userdev-emulator [--socket-fd N] [--poll-us N]`: the handoff
+//! socket's descriptor (default 3); how long to keep watching the ring for
+//! more accesses before going to sleep (default 0: sleep at once). Built with the
 //! `sandbox-probe` feature also `--probe open|socket|execve`, which tries
 //! that system call once sandboxed (tests check that it is refused).
 
@@ -14,19 +16,21 @@ use emulator::handoff::{recv_setup, Transport};
 use emulator::model;
 use emulator::sandbox;
 use emulator::serve::{
-    access_map, map_memory, poll_sources, serve, Accesses, Intx, Platform, SHADOW_SIZE,
+    access_map, map_memory, poll_sources, serve, Accesses, Intx, Platform, Spin, SHADOW_SIZE,
 };
 use userdev::Slave;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Args {
     socket_fd: RawFd,
+    poll_us: u64,
     probe: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         socket_fd: 3,
+        poll_us: 0,
         probe: None,
     };
     let mut it = std::env::args().skip(1);
@@ -37,6 +41,14 @@ fn parse_args() -> Result<Args, String> {
                 args.socket_fd = v
                     .parse()
                     .map_err(|_| format!("--socket-fd {v}: not a number"))?;
+            }
+            "--poll-us" => {
+                let v = it.next().ok_or("--poll-us needs a number")?;
+                args.poll_us = v
+                    .parse()
+                    .ok()
+                    .filter(|&us| us <= 1_000_000)
+                    .ok_or(format!("--poll-us {v}: not a number of at most 1000000"))?;
             }
             "--probe" if cfg!(feature = "sandbox-probe") => {
                 args.probe = Some(it.next().ok_or("--probe needs open, socket or execve")?);
@@ -94,6 +106,11 @@ fn run() -> Result<(), Box<dyn Error>> {
         irq_errors: 0,
     };
     let mut poll = poll_sources(accesses, &control, &platform)?;
+    // Calibrated before the sandbox: the clock may need a system call.
+    let spin = match (&slave, args.poll_us) {
+        (Some(slave), us) if us > 0 => Some(Spin::calibrate(slave, us)),
+        _ => None,
+    };
 
     let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
     irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
@@ -133,6 +150,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             &control,
             &mut platform,
             model.as_mut(),
+            spin,
         )?)
     })();
     // Exit without running destructors: close(2) is not on the allow-list.
