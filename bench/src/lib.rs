@@ -1,4 +1,15 @@
 //! The MMIO latency benchmark: kvm-userdev against the classic exit paths and
-//! plain QEMU, run inside the patched-kernel VM (issue 5).
+//! plain QEMU, run inside the patched-kernel VM by `cargo xtask bench`.
 //!
-//! Empty for now: it needs the user device, the emulator and the VMM first.
+//! One guest payload (`guest/`'s `mmio-bench`) times each access type under
+//! every [`variants`] entry; [`run`] interleaves the variants in rounds and
+//! pools the samples; [`report`] turns the [`results`] into a table, a
+//! markdown table and an SVG plot.
+
+pub mod guest;
+pub mod qemu;
+pub mod report;
+pub mod results;
+pub mod run;
+pub mod system;
+pub mod variants;

@@ -1,5 +1,6 @@
 //! The programs the in-VM tests, the demo and the benchmark run: the VMM,
-//! the emulator, the test-only emulator with the sandbox probe, and the
+//! the emulator, the benchmark runner, the test-only emulator with the
+//! sandbox probe, and the
 //! freestanding guest payloads (`guest/`, a workspace of its own because
 //! it needs its own rustflags).
 
@@ -11,6 +12,8 @@ use crate::util::{cargo, repo_root, run};
 
 pub struct Binaries {
     pub vmm: PathBuf,
+    /// The benchmark runner, kvm-userdev-bench.
+    pub bench: PathBuf,
     /// The edu-test payload and its siblings live here.
     pub guest_dir: PathBuf,
 }
@@ -41,7 +44,16 @@ pub fn build(release: bool) -> Result<Binaries> {
     let profile: &[&str] = if release { &["--release"] } else { &[] };
     eprintln!("xtask: building the VMM, the emulator and the guest payloads");
     run(cargo()
-        .args(["build", "-p", "vmm", "-p", "emulator", "--bins"])
+        .args([
+            "build",
+            "-p",
+            "vmm",
+            "-p",
+            "emulator",
+            "-p",
+            "kvm-userdev-bench",
+        ])
+        .arg("--bins")
         .args(profile))?;
     run(cargo()
         .args([
@@ -57,8 +69,10 @@ pub fn build(release: bool) -> Result<Binaries> {
         .args(profile))?;
     let guest_dir = build_guest()?;
     let dir = if release { "release" } else { "debug" };
+    let target = repo_root().join("target").join(dir);
     Ok(Binaries {
-        vmm: repo_root().join("target").join(dir).join("vmm"),
+        vmm: target.join("vmm"),
+        bench: target.join("kvm-userdev-bench"),
         guest_dir,
     })
 }

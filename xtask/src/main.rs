@@ -1,5 +1,6 @@
 //! `cargo xtask`: build the patched kernel, boot it in QEMU, run the tests in it.
 
+mod bench;
 mod binaries;
 mod deps;
 mod kernel;
@@ -72,6 +73,25 @@ enum Cmd {
         #[arg(last = true)]
         vmm_args: Vec<String>,
     },
+    /// The MMIO latency benchmark: kvm-userdev against our VMM's classic
+    /// exit paths, QEMU in-process and multi-process QEMU, all in the VM
+    /// (plain kernel). Prints the table; writes results.json, results.svg,
+    /// results.md and table.txt into OUT.
+    Bench {
+        /// Rounds; each runs every variant once, in turn.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Timed accesses per access type and run.
+        #[arg(long, default_value_t = 200)]
+        samples: u32,
+        /// Only these variants (comma-separated; the first is the
+        /// baseline). Default: all.
+        #[arg(long)]
+        variants: Option<String>,
+        /// Where the results go (default: target/bench).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run every KVM selftest of the built kernel in the VM, one line each
     /// (pass, fail, skip, timeout): for comparing kernels.
     KvmSelftests {
@@ -135,6 +155,17 @@ fn run() -> Result<i32> {
             run.explain();
             Ok(run.exit_code())
         }
+        Cmd::Bench {
+            rounds,
+            samples,
+            variants,
+            out,
+        } => bench::run(&bench::Options {
+            rounds,
+            samples,
+            variants,
+            out: out.unwrap_or_else(|| util::repo_root().join("target/bench")),
+        }),
         Cmd::KvmSelftests { debug, per_test } => {
             selftests::run(kernel::Flavour::new(debug), Duration::from_secs(per_test))
         }

@@ -1,0 +1,1045 @@
+//! Running the guest payload under QEMU: the device in QEMU's own process, or
+//! in a second QEMU process (multi-process QEMU).
+//!
+//! These are the baselines that kvm-userdev is compared with. Both run inside
+//! the patched-kernel VM with `-accel kvm`, boot the payload (a PVH ELF) with
+//! `-kernel`, and give it the same machine: `q35`, one vCPU (`-cpu host`),
+//! 128 MiB of RAM, nothing but the device under test, a debug console at
+//! port 0xe9 (written to a file in a scratch directory) and `isa-debug-exit`
+//! at port 0x501 (QEMU then exits with `value << 1 | 1`). The two set-ups
+//! differ only in where the device lives:
+//!
+//! - **In-process** ([`run_in_process`]): `-device edu` or
+//!   `-device pci-testdev` in the guest's QEMU. An MMIO access leaves KVM for
+//!   QEMU's vCPU thread, which calls the device model directly.
+//!
+//! - **Multi-process** ([`run_multi_process`]): `pci-testdev` lives in a
+//!   second QEMU started with `-machine x-remote` and an `x-remote-object`;
+//!   the guest's QEMU has an `x-pci-proxy-dev` in its place. Every
+//!   configuration or BAR access (stores included) is a synchronous message
+//!   round trip over a UNIX socket between the two. The two ends of a
+//!   socketpair are inherited by the processes, each by its own number
+//!   (`fd=N`): both ends are created close-on-exec, and only the child that
+//!   owns an end clears that flag, after the fork, so no other process
+//!   (neither the other QEMU nor anything else this process spawns) holds a
+//!   copy that would keep the connection open after one side dies.
+//!
+//! The proxy needs three things that shape the command lines:
+//!
+//! - **KVM.** It routes INTx through KVM irqfds; under TCG it crashes.
+//! - **fd-backed guest RAM.** The proxy sends the remote the file
+//!   descriptors of guest RAM so that the device can do DMA. Anonymous RAM
+//!   has none: BAR accesses still work, but the guest's QEMU logs "Unable to
+//!   write to socket: Bad file descriptor" at every memory map change. RAM
+//!   is therefore a `memory-backend-memfd` with `share=on`, used as the
+//!   machine's RAM (`-machine q35,memory-backend=ram`; `-numa
+//!   node,memdev=ram` works too). The in-process variants use the same RAM,
+//!   so that the guest's QEMU command lines differ only in the device.
+//! - **A device the remote can build.** QEMU's `edu` cannot be used there:
+//!   its realize needs MSI ("MSI is not supported by interrupt controller"),
+//!   which the `x-remote` machine lacks. `pci-testdev` has no interrupt at
+//!   all, so the benchmark uses it on both sides.
+//!
+//! The machine is `q35` with its default firmware (SeaBIOS). `pc` works as
+//! well and starts no faster. qboot (`-bios qboot.rom`) would save a few
+//! hundred milliseconds per launch, but it neither assigns BARs nor sets up
+//! INTx routing and the interrupt line register, which the payloads'
+//! interrupt tests rely on.
+//!
+//! `pci-testdev` (QEMU 10.0.2, hw/misc/pci-testdev.c; checked from a guest):
+//! BAR0 is 4 KiB of 32-bit non-prefetchable MMIO, BAR1 256 bytes of port
+//! I/O, no interrupt pin. Each starts with the header of the selected test,
+//! `{ u8 test; u8 width; u8 pad[2]; u32 offset; u8 data; u8 pad[3];
+//! u32 count; char name[]; }`. A byte store of `n` (0..=2) to BAR0 offset 0
+//! selects MMIO test `n` (any other value deselects):
+//!
+//! | n | name | store | handled by (in-process, KVM) |
+//! |---|------|-------|------------------------------|
+//! | 0 | `mmio-no-eventfd` | byte 0xfa at 0x800 | QEMU (counted in `count`) |
+//! | 1 | `mmio-wildcard-eventfd` | any width and value at exactly 0x801 | a KVM ioeventfd of length 0: never reaches QEMU |
+//! | 2 | `mmio-datamatch-eventfd` | byte 0xfa at 0x802 | a KVM ioeventfd matching 0xfa |
+//!
+//! The device only implements byte accesses: QEMU splits a wider load into
+//! byte reads (a 4-byte load at 4 returns the u32 offset) and a wider store
+//! into byte writes. Loads past the header, and all loads while no test is
+//! selected, return 0. Loads have no effect the guest can see (with an
+//! eventfd test selected, QEMU also drains that test's eventfd). Through the
+//! proxy, tests 1 and 2 are not absorbed by KVM: each store is a round trip
+//! to the remote, which matches it against the eventfd there.
+//!
+//! Every process started here is killed with SIGKILL and reaped before the
+//! call returns, whatever happened (a guard does it on every error path); the
+//! processes also get SIGKILL should this process die first.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The machine type of every variant (see the module documentation).
+pub const MACHINE: &str = "q35";
+
+/// Guest RAM, MiB (the payloads need 64).
+pub const RAM_MIB: u32 = 128;
+
+/// The port of the debug console the payload prints to.
+pub const DEBUGCON_PORT: u16 = 0xe9;
+
+/// The port of `isa-debug-exit`.
+pub const EXIT_PORT: u16 = 0x501;
+
+/// How long the guest's QEMU may take to exit after the remote QEMU did
+/// (the remote sees the socket close as soon as the guest's QEMU starts
+/// exiting, and may get there first).
+const REMOTE_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How much of a QEMU's stderr an error message quotes.
+const TAIL_LINES: usize = 20;
+const TAIL_BYTES: usize = 4000;
+
+/// The device under test, as QEMU names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// `-device edu`: QEMU's educational device (1234:11e8).
+    Edu,
+    /// `-device pci-testdev`: QEMU's PCI test device (1b36:0005).
+    PciTestdev,
+}
+
+impl Device {
+    /// The QEMU device type.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            Device::Edu => "edu",
+            Device::PciTestdev => "pci-testdev",
+        }
+    }
+}
+
+/// What a QEMU run left behind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Everything the payload wrote to the debug console (port 0xe9).
+    pub debugcon: String,
+    /// QEMU's stdout and stderr. For a multi-process run, the guest's QEMU
+    /// first, then the remote QEMU's after a `--- remote QEMU:` line (if it
+    /// wrote anything).
+    pub stderr: String,
+    /// The value the guest wrote to port 0x501, decoded from QEMU's exit
+    /// status; `None` if QEMU exited with status 0 (the guest shut down or
+    /// reset without writing it, for example after a triple fault).
+    pub guest_status: Option<u8>,
+}
+
+/// The first line of `qemu --version`.
+pub fn version(qemu: &Path) -> Result<String> {
+    let out = Command::new(qemu)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {} --version", qemu.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first = stdout.lines().next().unwrap_or("").trim();
+    if !out.status.success() || first.is_empty() {
+        bail!(
+            "{} --version failed ({}):\n{}",
+            qemu.display(),
+            describe(out.status),
+            tail(&String::from_utf8_lossy(&out.stderr))
+        );
+    }
+    Ok(first.to_string())
+}
+
+/// Runs `payload` with `cmdline` under plain QEMU with KVM, `device` in the
+/// QEMU process, until QEMU exits or `timeout` passes (then QEMU is killed and
+/// this is an error).
+pub fn run_in_process(
+    qemu: &Path,
+    payload: &Path,
+    cmdline: &str,
+    device: Device,
+    timeout: Duration,
+) -> Result<Output> {
+    let scratch = ScratchDir::new()?;
+    let mut args = guest_args(payload, cmdline, &scratch.debugcon());
+    args.extend(in_process_device_args(device));
+    let mut guest = Proc::spawn("QEMU", qemu, &args, scratch.file("qemu.log"), None)?;
+    let deadline = Instant::now() + timeout;
+    let status = match guest.wait_until(deadline)? {
+        Some(status) => status,
+        None => {
+            guest.kill();
+            bail!(
+                "QEMU timed out after {timeout:?} and was killed\n{}\n{}",
+                guest.report(),
+                debugcon_report(&scratch)
+            );
+        }
+    };
+    let stderr = guest.log();
+    let guest_status = guest_status(status, &stderr)
+        .map_err(|why| anyhow!("QEMU failed: {why}\n{}", guest.report()))?;
+    Ok(Output {
+        debugcon: read_lossy(&scratch.debugcon()),
+        stderr,
+        guest_status,
+    })
+}
+
+/// Runs `payload` with `cmdline` under multi-process QEMU with KVM:
+/// `pci-testdev` in a remote QEMU process, an `x-pci-proxy-dev` for it in
+/// the guest's QEMU. Ends when the guest's QEMU exits (the remote is then
+/// killed) or `timeout` passes (both are killed and this is an error).
+pub fn run_multi_process(
+    qemu: &Path,
+    payload: &Path,
+    cmdline: &str,
+    timeout: Duration,
+) -> Result<Output> {
+    let scratch = ScratchDir::new()?;
+    let deadline = Instant::now() + timeout;
+    let (guest_end, remote_end) = socketpair()?;
+
+    let mut remote = Proc::spawn(
+        "remote QEMU",
+        qemu,
+        &remote_args(remote_end.as_raw_fd()),
+        scratch.file("remote.log"),
+        Some(remote_end.as_raw_fd()),
+    )?;
+    drop(remote_end);
+    let mut args = guest_args(payload, cmdline, &scratch.debugcon());
+    args.extend(proxy_device_args(guest_end.as_raw_fd()));
+    let mut guest = Proc::spawn(
+        "QEMU",
+        qemu,
+        &args,
+        scratch.file("qemu.log"),
+        Some(guest_end.as_raw_fd()),
+    )?;
+    drop(guest_end);
+
+    let ending = wait_pair(&mut guest, &mut remote, deadline)?;
+    // The remote has nothing left to serve once the guest's QEMU is gone.
+    // Both get SIGKILL before either is waited for: on a timeout, neither
+    // should see the other go first and fill its log with complaints.
+    guest.send_kill();
+    remote.send_kill();
+    guest.kill();
+    remote.kill();
+    let both = || {
+        format!(
+            "{}\n{}\n{}",
+            guest.report(),
+            remote.report(),
+            debugcon_report(&scratch)
+        )
+    };
+    let status = match ending {
+        PairEnding::Guest(status) => status,
+        PairEnding::TimedOut => bail!(
+            "multi-process QEMU timed out after {timeout:?}: the guest's QEMU was still \
+             running ({}); both were killed\n{}",
+            match remote.exited_early {
+                Some(status) => format!("the remote QEMU had exited: {}", describe(status)),
+                None => "the remote QEMU was still running too".to_string(),
+            },
+            both()
+        ),
+        PairEnding::RemoteDied(status) => bail!(
+            "the remote QEMU exited ({}) while the guest's QEMU kept running; \
+             the guest's QEMU was killed {REMOTE_EXIT_GRACE:?} later\n{}",
+            describe(status),
+            both()
+        ),
+    };
+    let stderr = guest.log();
+    let guest_status = guest_status(status, &stderr).map_err(|why| {
+        anyhow!(
+            "QEMU (guest side of multi-process QEMU) failed: {why}\n{}",
+            both()
+        )
+    })?;
+    let mut combined = stderr;
+    let remote_log = remote.log();
+    if !remote_log.trim().is_empty() {
+        combined.push_str("--- remote QEMU:\n");
+        combined.push_str(&remote_log);
+    }
+    Ok(Output {
+        debugcon: read_lossy(&scratch.debugcon()),
+        stderr: combined,
+        guest_status,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Command lines.
+
+fn os(s: impl AsRef<OsStr>) -> OsString {
+    s.as_ref().to_os_string()
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax: a comma is
+/// written as two.
+fn opt_escape(value: &OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// The guest's QEMU without its device: everything the variants share.
+fn guest_args(payload: &Path, cmdline: &str, debugcon: &Path) -> Vec<OsString> {
+    let mut chardev = os("file,id=debugcon,path=");
+    chardev.push(opt_escape(debugcon.as_os_str()));
+    vec![
+        os("-nodefaults"),
+        os("-no-user-config"),
+        os("-machine"),
+        os(format!("{MACHINE},memory-backend=ram")),
+        os("-accel"),
+        os("kvm"),
+        os("-cpu"),
+        os("host"),
+        os("-smp"),
+        os("1"),
+        os("-m"),
+        os(format!("{RAM_MIB}M")),
+        os("-object"),
+        os(format!(
+            "memory-backend-memfd,id=ram,size={RAM_MIB}M,share=on"
+        )),
+        os("-display"),
+        os("none"),
+        os("-serial"),
+        os("none"),
+        os("-monitor"),
+        os("none"),
+        os("-no-reboot"),
+        os("-kernel"),
+        os(payload),
+        os("-append"),
+        os(cmdline),
+        os("-chardev"),
+        chardev,
+        os("-device"),
+        os(format!(
+            "isa-debugcon,iobase={DEBUGCON_PORT:#x},chardev=debugcon"
+        )),
+        os("-device"),
+        os(format!("isa-debug-exit,iobase={EXIT_PORT:#x},iosize=2")),
+    ]
+}
+
+fn in_process_device_args(device: Device) -> Vec<OsString> {
+    vec![os("-device"), os(device.qemu_name())]
+}
+
+fn proxy_device_args(fd: RawFd) -> Vec<OsString> {
+    vec![
+        os("-device"),
+        os(format!("x-pci-proxy-dev,id=proxy,fd={fd}")),
+    ]
+}
+
+/// The remote QEMU: pci-testdev served over the socket at `fd`.
+fn remote_args(fd: RawFd) -> Vec<OsString> {
+    vec![
+        os("-nodefaults"),
+        os("-no-user-config"),
+        os("-machine"),
+        os("x-remote,vfio-user=off"),
+        os("-display"),
+        os("none"),
+        os("-serial"),
+        os("none"),
+        os("-monitor"),
+        os("none"),
+        os("-device"),
+        os("pci-testdev,id=testdev"),
+        os("-object"),
+        os(format!("x-remote-object,id=remote,devid=testdev,fd={fd}")),
+    ]
+}
+
+/// A command line as a shell would show it, for error messages.
+fn show_command(qemu: &Path, args: &[OsString]) -> String {
+    let mut s = qemu.display().to_string();
+    for a in args {
+        let a = a.to_string_lossy();
+        s.push(' ');
+        if !a.is_empty()
+            && a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_=,.:/+@%".contains(&b))
+        {
+            s.push_str(&a);
+        } else {
+            s.push('\'');
+            s.push_str(&a.replace('\'', r"'\''"));
+            s.push('\'');
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Exit statuses and messages.
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => format!("{status}"),
+    }
+}
+
+/// The status the guest wrote to `isa-debug-exit`, from QEMU's exit status,
+/// or why QEMU itself failed.
+///
+/// Exit status 1 is ambiguous: QEMU also exits with 1 when it fails (bad
+/// option, payload it cannot load, device it cannot create), and then it
+/// says why on stderr, in a line prefixed with its name or with `qemu:`.
+/// Status 1 therefore counts as the guest's 0 only if QEMU printed nothing
+/// but warnings.
+fn guest_status(status: ExitStatus, stderr: &str) -> Result<Option<u8>, String> {
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => return Err(format!("killed by signal {signal}")),
+        _ => return Err(format!("{status}")),
+    };
+    match code {
+        0 => Ok(None),
+        1 => match qemu_error(stderr) {
+            Some(line) => Err(format!("exit status 1 after printing: {line}")),
+            None => Ok(Some(0)),
+        },
+        code if code & 1 == 1 && (0..=255).contains(&code) => Ok(Some((code >> 1) as u8)),
+        code => Err(format!("exit status {code}")),
+    }
+}
+
+/// The first line of `stderr` that is not empty and not a warning.
+fn qemu_error(stderr: &str) -> Option<&str> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.contains("warning:"))
+}
+
+/// The last lines of `text` (at most TAIL_LINES lines and about TAIL_BYTES
+/// bytes).
+fn tail(text: &str) -> String {
+    let text = text.trim_end();
+    if text.is_empty() {
+        return "(nothing)".to_string();
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = lines.len().saturating_sub(TAIL_LINES);
+    while start + 1 < lines.len()
+        && lines[start..].iter().map(|l| l.len() + 1).sum::<usize>() > TAIL_BYTES
+    {
+        start += 1;
+    }
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("[... {start} earlier lines]\n"));
+    }
+    let last = lines[start..].join("\n");
+    if last.len() > TAIL_BYTES {
+        let mut cut = last.len() - TAIL_BYTES;
+        while !last.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out.push_str("[...]");
+        out.push_str(&last[cut..]);
+    } else {
+        out.push_str(&last);
+    }
+    out
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
+}
+
+fn debugcon_report(scratch: &ScratchDir) -> String {
+    format!(
+        "--- guest debug console, last lines:\n{}",
+        tail(&read_lossy(&scratch.debugcon()))
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Processes.
+
+/// A directory for one run's files, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Result<ScratchDir> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::temp_dir();
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = base.join(format!("kvm-userdev-qemu.{}.{n}", std::process::id()));
+            match fs::create_dir(&dir) {
+                Ok(()) => return Ok(ScratchDir(dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("create {}", dir.display()));
+                }
+            }
+        }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn debugcon(&self) -> PathBuf {
+        self.file("debugcon")
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A UNIX stream socketpair, both ends close-on-exec.
+fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error()).context("socketpair for multi-process QEMU");
+    }
+    // SAFETY: socketpair just created these and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits until one of `fds` (pidfds) is readable, i.e. its process exited,
+/// or until `deadline`. Returns which are readable (all false on timeout).
+fn poll_exits(fds: &[BorrowedFd], deadline: Instant) -> io::Result<Vec<bool>> {
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Round up, so that a wait does not end just before the deadline.
+        let ms = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+        // SAFETY: pollfds is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n > 0 || Instant::now() >= deadline {
+            return Ok(pollfds.iter().map(|p| p.revents != 0).collect());
+        }
+    }
+}
+
+/// A QEMU process that is killed and reaped when dropped.
+struct Proc {
+    /// "QEMU" or "remote QEMU", for messages.
+    role: &'static str,
+    command: String,
+    child: Child,
+    pidfd: OwnedFd,
+    /// Its stdout and stderr.
+    log: PathBuf,
+    /// Set once reaped.
+    status: Option<ExitStatus>,
+    /// The status, if it exited before we sent it SIGKILL.
+    exited_early: Option<ExitStatus>,
+    /// Whether we sent it SIGKILL.
+    killed: bool,
+}
+
+impl Proc {
+    /// Starts `qemu args...` with stdin from /dev/null and stdout and stderr
+    /// into `log`. `inherit` is a close-on-exec descriptor that the child
+    /// (only the child) keeps open across exec, at the same number.
+    fn spawn(
+        role: &'static str,
+        qemu: &Path,
+        args: &[OsString],
+        log: PathBuf,
+        inherit: Option<RawFd>,
+    ) -> Result<Proc> {
+        let command = show_command(qemu, args);
+        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(qemu);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs between fork and exec and only makes
+        // async-signal-safe system calls (prctl, getppid, fcntl).
+        unsafe {
+            cmd.pre_exec(move || {
+                // QEMU must not outlive us, whatever ends us.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("parent exited"));
+                }
+                if let Some(fd) = inherit {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("start {role}: {command}"))?;
+        let pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e).with_context(|| format!("pidfd_open for {role}"));
+            }
+        };
+        Ok(Proc {
+            role,
+            command,
+            child,
+            pidfd,
+            log,
+            status: None,
+            exited_early: None,
+            killed: false,
+        })
+    }
+
+    /// Reaps the process if it has exited.
+    fn try_reap(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .with_context(|| format!("wait for {}", self.role))?
+            {
+                self.status = Some(status);
+                if !self.killed {
+                    self.exited_early = Some(status);
+                }
+            }
+        }
+        Ok(self.status)
+    }
+
+    /// Waits until the process exits (its status) or `deadline` (None).
+    fn wait_until(&mut self, deadline: Instant) -> Result<Option<ExitStatus>> {
+        loop {
+            if let Some(status) = self.try_reap()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            poll_exits(&[self.pidfd.as_fd()], deadline)
+                .with_context(|| format!("wait for {}", self.role))?;
+        }
+    }
+
+    /// Sends SIGKILL, unless the process has exited (or been reaped).
+    fn send_kill(&mut self) {
+        if !self.killed && self.try_reap().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            self.killed = true;
+        }
+    }
+
+    /// Kills (SIGKILL) and reaps the process, unless already reaped.
+    fn kill(&mut self) {
+        self.send_kill();
+        if self.status.is_none() {
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// Its output so far.
+    fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    /// How it ended and what it wrote, for an error message.
+    fn report(&self) -> String {
+        let ending = match (self.exited_early, self.status) {
+            (Some(status), _) => describe(status),
+            (None, Some(_)) => "killed".to_string(),
+            (None, None) => "running".to_string(),
+        };
+        format!(
+            "--- {} ({ending}): {}\n--- its stderr, last lines:\n{}",
+            self.role,
+            self.command,
+            tail(&self.log())
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+enum PairEnding {
+    /// The guest's QEMU exited.
+    Guest(ExitStatus),
+    /// The remote QEMU exited and the guest's QEMU did not follow in time.
+    RemoteDied(ExitStatus),
+    TimedOut,
+}
+
+/// Waits for the guest's QEMU to exit, watching the remote meanwhile.
+fn wait_pair(guest: &mut Proc, remote: &mut Proc, deadline: Instant) -> Result<PairEnding> {
+    loop {
+        if let Some(status) = guest.try_reap()? {
+            return Ok(PairEnding::Guest(status));
+        }
+        if let Some(remote_status) = remote.try_reap()? {
+            // The remote may just have seen the guest's QEMU close the socket
+            // on its way out: give it a moment.
+            let grace = deadline.min(Instant::now() + REMOTE_EXIT_GRACE);
+            return Ok(match guest.wait_until(grace)? {
+                Some(status) => PairEnding::Guest(status),
+                None if grace == deadline => PairEnding::TimedOut,
+                None => PairEnding::RemoteDied(remote_status),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Ok(PairEnding::TimedOut);
+        }
+        poll_exits(&[guest.pidfd.as_fd(), remote.pidfd.as_fd()], deadline)
+            .context("wait for multi-process QEMU")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn guest_status_decoding() {
+        assert_eq!(guest_status(exited(1), ""), Ok(Some(0)));
+        assert_eq!(guest_status(exited(3), ""), Ok(Some(1)));
+        assert_eq!(guest_status(exited(255), ""), Ok(Some(127)));
+        assert_eq!(guest_status(exited(0), ""), Ok(None));
+        assert!(guest_status(exited(2), "").is_err());
+        assert!(guest_status(ExitStatus::from_raw(libc::SIGKILL), "").is_err());
+        // Warnings do not make exit status 1 a failure; errors do.
+        let warning = "qemu-system-x86_64: warning: host doesn't support requested feature\n";
+        assert_eq!(guest_status(exited(1), warning), Ok(Some(0)));
+        let error = "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n";
+        assert!(guest_status(exited(1), error)
+            .unwrap_err()
+            .contains("is not a valid device"));
+        // Seen with QEMU 10.0.2 for a payload path that does not exist.
+        let error = "qemu: could not open kernel file '/x': No such file or directory\n";
+        assert!(guest_status(exited(1), error).is_err());
+        // Statuses other than 1 are the guest's, whatever QEMU printed.
+        assert_eq!(guest_status(exited(3), error), Ok(Some(1)));
+    }
+
+    #[test]
+    fn escapes_commas() {
+        assert_eq!(opt_escape(OsStr::new("/tmp/a,b,,c")), "/tmp/a,,b,,,,c");
+        assert_eq!(opt_escape(OsStr::new("/tmp/x")), "/tmp/x");
+    }
+
+    #[test]
+    fn guest_command_line() {
+        let args = strings(&guest_args(
+            Path::new("/p/edu-test"),
+            "mode=full devices=1",
+            Path::new("/t/a,b/debugcon"),
+        ));
+        let joined = args.join(" ");
+        for needle in [
+            "-nodefaults",
+            "-machine q35,memory-backend=ram",
+            "-accel kvm",
+            "-cpu host",
+            "-m 128M",
+            "-object memory-backend-memfd,id=ram,size=128M,share=on",
+            "-display none",
+            "-no-reboot",
+            "-kernel /p/edu-test",
+            "-chardev file,id=debugcon,path=/t/a,,b/debugcon",
+            "-device isa-debugcon,iobase=0xe9,chardev=debugcon",
+            "-device isa-debug-exit,iobase=0x501,iosize=2",
+        ] {
+            assert!(joined.contains(needle), "{needle:?} missing in {joined}");
+        }
+        // The command line stays one argument, spaces and all.
+        let i = args.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(args[i + 1], "mode=full devices=1");
+        assert_eq!(
+            strings(&in_process_device_args(Device::PciTestdev)),
+            ["-device", "pci-testdev"]
+        );
+        assert_eq!(
+            strings(&in_process_device_args(Device::Edu)),
+            ["-device", "edu"]
+        );
+        assert_eq!(
+            strings(&proxy_device_args(7)),
+            ["-device", "x-pci-proxy-dev,id=proxy,fd=7"]
+        );
+    }
+
+    #[test]
+    fn remote_command_line() {
+        let joined = strings(&remote_args(9)).join(" ");
+        assert!(joined.contains("-machine x-remote,vfio-user=off"));
+        assert!(joined.contains("-device pci-testdev,id=testdev"));
+        assert!(joined.contains("-object x-remote-object,id=remote,devid=testdev,fd=9"));
+    }
+
+    #[test]
+    fn shows_commands_for_a_shell() {
+        let args = [os("-append"), os("a b"), os("it's"), os("")];
+        assert_eq!(
+            show_command(Path::new("/q"), &args),
+            r"/q -append 'a b' 'it'\''s' ''"
+        );
+    }
+
+    #[test]
+    fn tails() {
+        assert_eq!(tail(""), "(nothing)");
+        assert_eq!(tail("a\nb\n"), "a\nb");
+        let many: String = (0..30).map(|i| format!("line {i}\n")).collect();
+        let t = tail(&many);
+        assert!(t.starts_with("[... 10 earlier lines]\nline 10\n"));
+        assert!(t.ends_with("line 29"));
+        let long = "x".repeat(3 * TAIL_BYTES);
+        assert!(tail(&long).len() <= TAIL_BYTES + 10);
+    }
+
+    /// Shell code for the fake guest's QEMU: wait until the fake remote has
+    /// done its part (so that killing it cannot cut that short).
+    const WAIT_FOR_REMOTE: &str = "while [ ! -e \"$d/remote.ready\" ]; do sleep 0.01; done";
+
+    /// A stand-in for QEMU: a shell script that records its pid, then acts
+    /// as told by the file `mode` beside it.
+    struct FakeQemu {
+        dir: ScratchDir,
+    }
+
+    impl FakeQemu {
+        fn new(guest: &str, remote: &str) -> FakeQemu {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = ScratchDir::new().unwrap();
+            let script = format!(
+                "#!/bin/sh\n\
+                 d=$(dirname \"$0\")\n\
+                 case \"$*\" in\n\
+                 *x-remote*) echo $$ > \"$d/remote.pid\"; {remote} ;;\n\
+                 *) echo $$ > \"$d/guest.pid\"; {guest} ;;\n\
+                 esac\n"
+            );
+            let path = dir.file("qemu");
+            fs::write(&path, script).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+            FakeQemu { dir }
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.file("qemu")
+        }
+
+        /// Asserts that the process that wrote `name` is gone (reaped, not
+        /// a zombie).
+        fn assert_gone(&self, name: &str) {
+            let pid = fs::read_to_string(self.dir.file(name)).unwrap();
+            let proc_dir = PathBuf::from(format!("/proc/{}", pid.trim()));
+            assert!(
+                !proc_dir.exists(),
+                "{name}: {} still exists",
+                proc_dir.display()
+            );
+        }
+    }
+
+    #[test]
+    fn fake_in_process_status_and_timeout() {
+        let fake = FakeQemu::new("echo hello >&2; exit 5", "exit 9");
+        let out = run_in_process(
+            &fake.path(),
+            Path::new("/payload"),
+            "",
+            Device::Edu,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.guest_status, Some(2));
+        assert_eq!(out.stderr, "hello\n");
+        fake.assert_gone("guest.pid");
+
+        let fake = FakeQemu::new("echo stuck >&2; exec sleep 1000", "exit 9");
+        let started = Instant::now();
+        let err = run_in_process(
+            &fake.path(),
+            Path::new("/payload"),
+            "",
+            Device::Edu,
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(err.contains("QEMU timed out"), "{err}");
+        assert!(err.contains("stuck"), "{err}");
+        fake.assert_gone("guest.pid");
+    }
+
+    #[test]
+    fn fake_multi_process_reaps_both() {
+        // The guest finishes; the remote would run forever.
+        let fake = FakeQemu::new(
+            &format!("{WAIT_FOR_REMOTE}; exit 1"),
+            "echo serving >&2; touch \"$d/remote.ready\"; exec sleep 1000",
+        );
+        let out = run_multi_process(
+            &fake.path(),
+            Path::new("/payload"),
+            "",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.guest_status, Some(0));
+        assert!(
+            out.stderr.contains("--- remote QEMU:\nserving\n"),
+            "{out:?}"
+        );
+        fake.assert_gone("guest.pid");
+        fake.assert_gone("remote.pid");
+
+        // Both hang.
+        let fake = FakeQemu::new(
+            &format!("{WAIT_FOR_REMOTE}; exec sleep 1000"),
+            "touch \"$d/remote.ready\"; exec sleep 1000",
+        );
+        let err = run_multi_process(
+            &fake.path(),
+            Path::new("/payload"),
+            "",
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("timed out"), "{err}");
+        assert!(err.contains("remote QEMU was still running"), "{err}");
+        fake.assert_gone("guest.pid");
+        fake.assert_gone("remote.pid");
+
+        // The remote dies at once; the guest's QEMU hangs.
+        let fake = FakeQemu::new("exec sleep 1000", "echo broken >&2; exit 1");
+        let err = run_multi_process(
+            &fake.path(),
+            Path::new("/payload"),
+            "",
+            Duration::from_secs(30),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("remote QEMU exited (exit status 1)"), "{err}");
+        assert!(err.contains("broken"), "{err}");
+        fake.assert_gone("guest.pid");
+        fake.assert_gone("remote.pid");
+    }
+
+    #[test]
+    fn fake_multi_process_inherits_only_its_end() {
+        // Each process has its own fd=N open, and no other socket.
+        let check = |me: &str| {
+            format!(
+                "fd=$(echo \"$*\" | sed -n 's/.*fd=\\([0-9]*\\).*/\\1/p'); \
+                 if [ -S /proc/$$/fd/$fd ]; then echo ok; else echo missing; fi > \"$d/{me}\"; \
+                 ls -l /proc/$$/fd | grep -c socket >> \"$d/{me}\""
+            )
+        };
+        let fake = FakeQemu::new(
+            &format!("{}; {WAIT_FOR_REMOTE}; exit 1", check("guest")),
+            &format!(
+                "{}; touch \"$d/remote.ready\"; exec sleep 1000",
+                check("remote")
+            ),
+        );
+        let out = run_multi_process(
+            &fake.path(),
+            Path::new("/payload"),
+            "",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.guest_status, Some(0));
+        for me in ["guest", "remote"] {
+            let seen = fs::read_to_string(fake.dir.file(me)).unwrap();
+            assert_eq!(seen, "ok\n1\n", "{me}");
+        }
+        fake.assert_gone("guest.pid");
+        fake.assert_gone("remote.pid");
+    }
+}

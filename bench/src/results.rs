@@ -1,0 +1,106 @@
+//! What a benchmark run produced: the shape of `results.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// The access types the guest payload times, in report order.
+pub const ACCESSES: [&str; 7] = [
+    "cpuid",
+    "ioeventfd-store",
+    "store",
+    "load",
+    "sync-load",
+    "store-load",
+    "irq",
+];
+
+/// What each access type is, for the report's legend.
+pub fn access_description(access: &str) -> &'static str {
+    match access {
+        "cpuid" => "null exit handled in KVM (floor)",
+        "ioeventfd-store" => "MMIO store absorbed by an ioeventfd (floor)",
+        "store" => "store to a register (edu: 4 bytes, pci-testdev: 1 byte)",
+        "load" => "4-byte load of a side-effect-free register",
+        "sync-load" => "4-byte load that must reach the device model",
+        "store-load" => "store, then load of the same register",
+        "irq" => "interrupt round trip: raise, handler, acknowledge",
+        _ => "",
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    /// When the run ended, UTC, `YYYY-MM-DD HH:MM`.
+    pub date: String,
+    pub system: System,
+    pub config: RunConfig,
+    /// In the order they ran within a round; the first is the baseline
+    /// that ratios are taken against.
+    pub variants: Vec<VariantResult>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct System {
+    /// `uname -r` inside the VM: the patched kernel.
+    pub kernel: String,
+    /// `qemu-system-x86_64 --version`, first line.
+    pub qemu: String,
+    /// CPU model the VM reports (`/proc/cpuinfo`).
+    pub vm_cpu: String,
+    /// CPU model of the machine the VM runs on.
+    pub host_cpu: String,
+    /// TSC frequency inside the VM, measured; guest cycles are converted
+    /// with it (the nested guests' TSC runs at the VM's rate).
+    pub tsc_khz: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Each round runs every variant once, in turn.
+    pub rounds: u32,
+    /// Timed accesses per access type and run (after the warm-up).
+    pub samples: u32,
+    pub warmup: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VariantResult {
+    /// Short name, e.g. `kvm-userdev`.
+    pub name: String,
+    /// One line: what runs the device and how accesses reach it.
+    pub description: String,
+    /// The device the guest drove: `edu` or `pci-testdev`.
+    pub device: String,
+    /// One entry per access type the variant measured, in `ACCESSES`
+    /// order; types a variant cannot do (no interrupt on pci-testdev) are
+    /// absent.
+    pub accesses: Vec<AccessResult>,
+    /// User-device counters summed over the rounds (kvm-userdev variants
+    /// only), by name: posted_stores, shadow_loads, forwarded_loads, ...
+    pub counters: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AccessResult {
+    pub access: String,
+    /// Samples pooled over all rounds.
+    pub n: usize,
+    /// Microseconds.
+    pub median_us: f64,
+    pub p10_us: f64,
+    pub p90_us: f64,
+    /// Median of each round, in run order: drift shows here.
+    pub round_medians_us: Vec<f64>,
+}
+
+impl Results {
+    /// The baseline's median for `access`, if it measured it.
+    pub fn baseline_median(&self, access: &str) -> Option<f64> {
+        self.variants.first()?.access(access).map(|a| a.median_us)
+    }
+}
+
+impl VariantResult {
+    pub fn access(&self, access: &str) -> Option<&AccessResult> {
+        self.accesses.iter().find(|a| a.access == access)
+    }
+}

@@ -1,0 +1,252 @@
+//! The variants: who serves the device, and how an access reaches it.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::qemu;
+
+/// Where our VMM puts its ioeventfd doorbell (the guest's doorbell window).
+pub const DOORBELL: &str = "0xd0000000";
+/// The edu register the kvm-userdev variant keeps out of the shadow image,
+/// so that its loads reach the emulator (the guest's sync-load register).
+const SYNC_LOAD_REGISTER: &str = "0x8";
+
+#[derive(Clone, Debug)]
+pub struct Variant {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub device: &'static str,
+    how: How,
+}
+
+#[derive(Clone, Debug)]
+enum How {
+    /// Our VMM with these arguments.
+    Vmm(&'static [&'static str]),
+    /// The same, with the kernel's `user_dev_poll_ns` set for the run.
+    VmmPolling(&'static [&'static str], u32),
+    QemuInProcess(qemu::Device),
+    QemuMultiProcess,
+}
+
+/// Every variant; the first is the baseline.
+pub fn all() -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "kvm-userdev",
+            description: "user device: stores posted, loads from the shadow image, sync-load forwarded to the sandboxed emulator",
+            device: "edu",
+            how: How::Vmm(&["--serve", "user", "--forward", SYNC_LOAD_REGISTER]),
+        },
+        Variant {
+            name: "kvm-userdev-poll",
+            description: "as kvm-userdev, polling: the emulator watches its ring for 200 µs before it sleeps, a vCPU waits 100 µs for a reply before it sleeps",
+            device: "edu",
+            how: How::VmmPolling(
+                &[
+                    "--serve",
+                    "user",
+                    "--forward",
+                    SYNC_LOAD_REGISTER,
+                    "--emulator-arg=--poll-us",
+                    "--emulator-arg=200",
+                ],
+                100_000,
+            ),
+        },
+        Variant {
+            name: "kvm-userdev-noshadow",
+            description: "user device without shadow image: every load forwarded to the sandboxed emulator",
+            device: "edu",
+            how: How::Vmm(&["--serve", "user", "--no-shadow"]),
+        },
+        Variant {
+            name: "vmm-in-process",
+            description: "our VMM, device model in the VMM process (KVM_EXIT_MMIO)",
+            device: "edu",
+            how: How::Vmm(&["--serve", "in-process"]),
+        },
+        Variant {
+            name: "vmm-socket",
+            description: "our VMM forwards KVM_EXIT_MMIO to the sandboxed emulator over a UNIX socket",
+            device: "edu",
+            how: How::Vmm(&["--serve", "socket"]),
+        },
+        Variant {
+            name: "qemu-edu",
+            description: "QEMU, -device edu in the QEMU process",
+            device: "edu",
+            how: How::QemuInProcess(qemu::Device::Edu),
+        },
+        Variant {
+            name: "qemu-testdev",
+            description: "QEMU, -device pci-testdev in the QEMU process",
+            device: "pci-testdev",
+            how: How::QemuInProcess(qemu::Device::PciTestdev),
+        },
+        Variant {
+            name: "qemu-multi-process",
+            description: "multi-process QEMU: pci-testdev in an x-remote process behind x-pci-proxy-dev",
+            device: "pci-testdev",
+            how: How::QemuMultiProcess,
+        },
+    ]
+}
+
+/// The programs a run needs.
+pub struct Programs<'a> {
+    pub vmm: &'a Path,
+    pub qemu: &'a Path,
+    pub payload: &'a Path,
+}
+
+/// What one run of a variant printed.
+pub struct RunOutput {
+    /// The guest's console.
+    pub guest: String,
+    /// The VMM's user-device (or other) counters, `name=value`.
+    pub counters: Vec<(String, u64)>,
+}
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+impl Variant {
+    /// Runs the payload once under this variant with `cmdline` (samples,
+    /// warm-up); the doorbell is added where the variant has one.
+    pub fn run(&self, programs: &Programs, cmdline: &str) -> Result<RunOutput> {
+        match &self.how {
+            How::Vmm(args) => run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL}")),
+            How::VmmPolling(args, poll_ns) => {
+                set_poll_ns(*poll_ns)?;
+                let out = run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL}"));
+                set_poll_ns(0)?;
+                out
+            }
+            How::QemuInProcess(device) => {
+                let cmdline = match device {
+                    qemu::Device::PciTestdev => format!("{cmdline} doorbell=testdev"),
+                    qemu::Device::Edu => cmdline.to_string(),
+                };
+                let out = qemu::run_in_process(
+                    programs.qemu,
+                    programs.payload,
+                    &cmdline,
+                    *device,
+                    RUN_TIMEOUT,
+                )?;
+                qemu_output(out)
+            }
+            How::QemuMultiProcess => {
+                let out =
+                    qemu::run_multi_process(programs.qemu, programs.payload, cmdline, RUN_TIMEOUT)?;
+                qemu_output(out)
+            }
+        }
+    }
+}
+
+/// The patched kernel's `kvm.user_dev_poll_ns` (needs root, as in the VM).
+pub const POLL_NS_PARAMETER: &str = "/sys/module/kvm/parameters/user_dev_poll_ns";
+
+fn set_poll_ns(ns: u32) -> Result<()> {
+    std::fs::write(POLL_NS_PARAMETER, ns.to_string())
+        .with_context(|| format!("set {POLL_NS_PARAMETER} to {ns}"))
+}
+
+fn qemu_output(out: qemu::Output) -> Result<RunOutput> {
+    if out.guest_status != Some(0) {
+        bail!(
+            "the guest under QEMU ended with {:?}\nguest:\n{}\nQEMU:\n{}",
+            out.guest_status,
+            tail(&out.debugcon),
+            tail(&out.stderr)
+        );
+    }
+    Ok(RunOutput {
+        guest: out.debugcon,
+        counters: Vec::new(),
+    })
+}
+
+fn run_vmm(programs: &Programs, args: &[&str], cmdline: &str) -> Result<RunOutput> {
+    let out = Command::new(programs.vmm)
+        .arg("--payload")
+        .arg(programs.payload)
+        .args(["--cmdline", cmdline, "--doorbell", DOORBELL])
+        .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
+        .args(args)
+        .output()
+        .with_context(|| format!("run {}", programs.vmm.display()))?;
+    let guest = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "vmm {} exited with {}\nguest:\n{}\nvmm:\n{}",
+            args.join(" "),
+            out.status,
+            tail(&guest),
+            tail(&stderr)
+        );
+    }
+    Ok(RunOutput {
+        guest,
+        counters: counters(&stderr),
+    })
+}
+
+/// The `name=value` words of the VMM's `vmm: stats ...` lines.
+fn counters(stderr: &str) -> Vec<(String, u64)> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("vmm: stats "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The last lines of `text`, without very long sample lines.
+fn tail(text: &str) -> String {
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| match l.char_indices().nth(160) {
+            Some((i, _)) => format!("{}...", &l[..i]),
+            None => l.to_string(),
+        })
+        .collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_from_stats_lines() {
+        let stderr = "vmm: edu: emulator pid 5 started\n\
+            vmm: stats edu at 00:01.0: posted_stores=240 shadow_loads=170 timeouts=0\n";
+        assert_eq!(
+            counters(stderr),
+            vec![
+                ("posted_stores".to_string(), 240),
+                ("shadow_loads".to_string(), 170),
+                ("timeouts".to_string(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn baseline_first_and_names_unique() {
+        let v = all();
+        assert_eq!(v[0].name, "kvm-userdev");
+        let mut names: Vec<_> = v.iter().map(|v| v.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), v.len());
+    }
+}
