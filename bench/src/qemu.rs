@@ -133,7 +133,8 @@ pub struct Output {
     /// wrote anything).
     pub stderr: String,
     /// The value the guest wrote to port 0x501, decoded from QEMU's exit
-    /// status; `None` if QEMU exited with status 0 (the guest shut down or
+    /// status (`value << 1 | 1`, so only values up to 127 come through
+    /// intact); `None` if QEMU exited with status 0 (the guest shut down or
     /// reset without writing it, for example after a triple fault).
     pub guest_status: Option<u8>,
 }
@@ -539,7 +540,25 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
         return Err(io::Error::last_os_error()).context("socketpair for multi-process QEMU");
     }
     // SAFETY: socketpair just created these and nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((above_stdio(a)?, above_stdio(b)?))
+}
+
+/// `fd`, moved to a number above 2 if it is not: the child's stdin, stdout
+/// and stderr are set up before it can clear close-on-exec, and would
+/// replace a socket there (possible only if this process runs with one of
+/// them closed).
+fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error()).context("move a socket above fd 2");
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
