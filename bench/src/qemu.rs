@@ -443,7 +443,7 @@ fn qemu_error(stderr: &str) -> Option<&str> {
 
 /// The last lines of `text` (at most TAIL_LINES lines and about TAIL_BYTES
 /// bytes).
-fn tail(text: &str) -> String {
+pub(crate) fn tail(text: &str) -> String {
     let text = text.trim_end();
     if text.is_empty() {
         return "(nothing)".to_string();

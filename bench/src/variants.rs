@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::qemu;
+use crate::qemu::{self, tail};
 
 /// Where our VMM puts its ioeventfd doorbell (the guest's doorbell window).
 pub const DOORBELL: &str = "0xd0000000";
@@ -208,18 +208,6 @@ fn counters(stderr: &str) -> Vec<(String, u64)> {
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
-}
-
-/// The last lines of `text`, without very long sample lines.
-fn tail(text: &str) -> String {
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| match l.char_indices().nth(160) {
-            Some((i, _)) => format!("{}...", &l[..i]),
-            None => l.to_string(),
-        })
-        .collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 #[cfg(test)]

@@ -229,7 +229,7 @@ impl Machine {
                     data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    let value = data.iter().rev().fold(0, |v, &b| v << 8 | u64::from(b));
+                    let value = pci::le64(data);
                     mmio(&mut self.slots, &self.vm, addr, data.len(), Some(value));
                 }
                 VcpuExit::Hlt => {

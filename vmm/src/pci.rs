@@ -232,7 +232,12 @@ impl Bus {
 
 /// The value of a port access's data (little-endian, up to 4 bytes).
 pub fn le(data: &[u8]) -> u32 {
-    data.iter().rev().fold(0, |v, &b| v << 8 | u32::from(b))
+    le64(data) as u32
+}
+
+/// The same for accesses of up to 8 bytes (MMIO).
+pub fn le64(data: &[u8]) -> u64 {
+    data.iter().rev().fold(0, |v, &b| v << 8 | u64::from(b))
 }
 
 #[cfg(test)]

@@ -44,7 +44,8 @@ pub fn run(opts: &Options) -> Result<i32> {
         "--samples".into(),
         opts.samples.to_string(),
         "--host-cpu".into(),
-        host_cpu(),
+        // Read here, on the host: in the VM, /proc/cpuinfo names QEMU's CPU.
+        kvm_userdev_bench::system::cpu_model(),
     ];
     if let Some(v) = &opts.variants {
         cmd.extend(["--variants".into(), v.clone()]);
@@ -59,16 +60,4 @@ pub fn run(opts: &Options) -> Result<i32> {
     let run = vm::run(&vm_opts, &cmd)?;
     run.explain();
     Ok(run.exit_code())
-}
-
-/// The host's CPU model, for the report.
-fn host_cpu() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
