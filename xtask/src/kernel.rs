@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::deps;
-use crate::util::{cache_dir, fmt_duration, jobs, print_tail, repo_root, run, run_output};
+use crate::util::{
+    cache_dir, fmt_duration, jobs, lock_file, print_tail, repo_root, run, run_output,
+};
 
 /// Bumped when the way a kernel is built changes, so old cache entries are
 /// not mistaken for current ones.
@@ -202,15 +204,7 @@ impl Cache {
 
     /// Serialises builds: two xtasks must not patch or build the same tree.
     fn lock(&self) -> Result<File> {
-        let f = File::create(self.root.join("lock"))?;
-        if f.try_lock().is_err() {
-            eprintln!(
-                "xtask: waiting for another xtask using {}",
-                self.root.display()
-            );
-            f.lock()?;
-        }
-        Ok(f)
+        lock_file(&self.root.join("lock"), &self.root)
     }
 }
 

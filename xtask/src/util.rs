@@ -1,6 +1,7 @@
 //! Small helpers: running commands, where things live.
 
 use anyhow::{bail, Context, Result};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -86,6 +87,17 @@ pub fn fmt_duration(d: Duration) -> String {
     } else {
         format!("{:.1}s", d.as_secs_f64())
     }
+}
+
+/// Takes an exclusive lock on the file `path` (created if missing), waiting
+/// with a message if another xtask holds it; released when the file drops.
+pub fn lock_file(path: &Path, what: &Path) -> Result<File> {
+    let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    if f.try_lock().is_err() {
+        eprintln!("xtask: waiting for another xtask using {}", what.display());
+        f.lock()?;
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::deps;
 use crate::kernel::{self, Flavour};
 use crate::logscan;
-use crate::util::{cache_dir, fmt_duration, print_tail, repo_root};
+use crate::util::{cache_dir, fmt_duration, lock_file, print_tail, repo_root};
 
 pub struct VmOptions {
     pub flavour: Flavour,
@@ -157,6 +157,9 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
     let scratch = &opts.scratch;
     fs::create_dir_all(scratch).with_context(|| format!("create {}", scratch.display()))?;
     let scratch = scratch.canonicalize()?;
+    // The command, its status and the kernel log pass through fixed names
+    // in the scratch directory: one VM at a time per directory.
+    let _lock = lock_file(&scratch.join(".vm-lock"), &scratch)?;
     for f in [".vm-status", ".vm-kmemleak", ".vm-cmd"] {
         let _ = fs::remove_file(scratch.join(f));
     }
