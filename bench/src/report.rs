@@ -143,6 +143,7 @@ pub fn table(results: &Results) -> String {
     let mut lines = table_header(results);
     lines.push(String::new());
     lines.extend(access_blocks(results));
+    lines.extend(floor_section(results));
     lines.extend(counter_section(results));
     lines.extend(legend_section(results));
     lines.push(format!("note: {NOTE}"));
@@ -270,6 +271,90 @@ fn pad_left(s: &str, width: usize) -> String {
     format!("{}{s}", " ".repeat(fill))
 }
 
+/// The floor the targets are stated against.
+const FLOOR: &str = "ioeventfd-store";
+
+/// Each access type's cost over [`FLOOR`] within one variant: per round, the
+/// access's median over the floor's median in that same run, then the median
+/// of those ratios. Both come from one VMM process, so a machine that is
+/// faster or slower from run to run cancels out. Empty without a floor.
+pub fn floor_ratios(variant: &VariantResult) -> Vec<(&'static str, f64)> {
+    let Some(floor) = variant.access(FLOOR) else {
+        return Vec::new();
+    };
+    ACCESSES
+        .iter()
+        .filter(|a| !["cpuid", FLOOR].contains(a))
+        .filter_map(|&access| {
+            let a = variant.access(access)?;
+            let per_round = a.round_medians_us.iter().zip(&floor.round_medians_us);
+            let ratios = sorted(per_round.map(|(x, f)| x / f).filter(|r| r.is_finite()));
+            (!ratios.is_empty()).then(|| (access, percentile(&ratios, 50.0)))
+        })
+        .collect()
+}
+
+/// Accesses with a floor ratio in some variant, and one row per variant that
+/// has the floor: name, then each ratio (`-` where that variant lacks it).
+fn floor_rows(results: &Results) -> (Vec<&'static str>, Vec<(String, Vec<String>)>) {
+    let per_variant: Vec<_> = results
+        .variants
+        .iter()
+        .map(|v| (v, floor_ratios(v)))
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
+    let accesses: Vec<&'static str> = ACCESSES
+        .iter()
+        .copied()
+        .filter(|a| {
+            per_variant
+                .iter()
+                .any(|(_, r)| r.iter().any(|(x, _)| x == a))
+        })
+        .collect();
+    let rows = per_variant
+        .iter()
+        .map(|(v, r)| {
+            let cells = accesses
+                .iter()
+                .map(|a| {
+                    r.iter()
+                        .find(|(x, _)| x == a)
+                        .map_or_else(|| "-".to_string(), |(_, q)| format!("{q:.2}x"))
+                })
+                .collect();
+            (v.name.clone(), cells)
+        })
+        .collect();
+    (accesses, rows)
+}
+
+fn floor_section(results: &Results) -> Vec<String> {
+    let (accesses, rows) = floor_rows(results);
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let mut table: Vec<Vec<String>> = vec![std::iter::once("variant".to_string())
+        .chain(accesses.iter().map(|a| a.to_string()))
+        .collect()];
+    table.extend(
+        rows.into_iter()
+            .map(|(name, cells)| std::iter::once(name).chain(cells).collect()),
+    );
+    let widths = column_widths(table.iter());
+    let right: Vec<bool> = (0..widths.len()).map(|i| i > 0).collect();
+    let mut lines = vec![format!(
+        "over the floor — each access ÷ the {FLOOR} of the same run (median over rounds)"
+    )];
+    lines.extend(
+        table
+            .iter()
+            .map(|row| format!("  {}", render_row(row, &widths, &right))),
+    );
+    lines.push(String::new());
+    lines
+}
+
 /// Counters of the variants that have them, one aligned row per counter
 /// with the variant's name on its first row only. Empty when no variant has
 /// counters, so runs without kvm-userdev variants show no empty heading.
@@ -355,7 +440,39 @@ pub fn markdown(results: &Results) -> String {
     }
     lines.push(String::new());
     lines.push(md_context(results));
+    lines.extend(md_floor(results));
     lines.join("\n") + "\n"
+}
+
+/// The floor ratios as a second table, variants as rows.
+fn md_floor(results: &Results) -> Vec<String> {
+    let (accesses, rows) = floor_rows(results);
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec![String::new()];
+    lines.push(md_row(
+        &std::iter::once(format!("÷ `{FLOOR}`, same run"))
+            .chain(accesses.iter().map(|a| format!("`{a}`")))
+            .collect::<Vec<_>>(),
+    ));
+    lines.push(md_row(
+        &std::iter::once("---".to_string())
+            .chain(accesses.iter().map(|_| "---:".to_string()))
+            .collect::<Vec<_>>(),
+    ));
+    for (name, cells) in rows {
+        let cells = cells.into_iter().map(|c| match c.strip_suffix('x') {
+            Some(ratio) => format!("{ratio}×"),
+            None => "—".to_string(),
+        });
+        lines.push(md_row(
+            &std::iter::once(md_escape(&name))
+                .chain(cells)
+                .collect::<Vec<_>>(),
+        ));
+    }
+    lines
 }
 
 fn md_row(cells: &[String]) -> String {
@@ -834,6 +951,40 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn floor_ratios_pair_rounds_of_one_run() {
+        let rounds = |name: &str, r: Vec<f64>| AccessResult {
+            round_medians_us: r,
+            ..access(name, 0.0)
+        };
+        let v = VariantResult {
+            name: "kvm-userdev".to_string(),
+            description: String::new(),
+            device: "edu".to_string(),
+            accesses: vec![
+                rounds("cpuid", vec![40.0, 80.0, 40.0]),
+                rounds(FLOOR, vec![50.0, 100.0, 50.0]),
+                // A slow round doubles both: the ratio stays.
+                rounds("store", vec![65.0, 130.0, 70.0]),
+                rounds("load", vec![50.0, 90.0, 55.0]),
+            ],
+            counters: None,
+        };
+        let r = floor_ratios(&v);
+        assert_eq!(
+            r.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+            ["store", "load"]
+        );
+        assert!((r[0].1 - 1.3).abs() < 1e-9 && (r[1].1 - 1.0).abs() < 1e-9);
+
+        let mut results = fixture();
+        assert!(floor_section(&results).is_empty(), "no floor, no section");
+        results.variants.push(v);
+        let text = floor_section(&results).join("\n");
+        assert!(text.contains("kvm-userdev  1.30x  1.00x"), "{text}");
+        assert!(markdown(&results).contains("| kvm-userdev | 1.30× | 1.00× |"));
     }
 
     #[test]
