@@ -199,6 +199,55 @@ fn bench_payload_paths() {
     assert!(s.posted_stores >= 3 * timed, "{s:?}");
 }
 
+/// The user device's tracepoints fire on each path, between the vCPU's
+/// exit and its next entry, and `cargo xtask bench --trace` reads them back:
+/// a forwarded load's exit holds the emulator's reply.
+#[test]
+fn tracepoints_show_each_path() {
+    use kvm_userdev_bench::trace::{analyse, Tracing};
+    const SAMPLES: usize = 10;
+    let tracing = Tracing::set_up().expect("set up tracefs");
+    tracing.on(true).expect("tracing on");
+    let cmdline = format!("samples={SAMPLES} warmup=2 doorbell=0xd0000000");
+    let run = vmm_with(
+        "mmio-bench",
+        &[
+            "--cmdline",
+            &cmdline,
+            "--doorbell",
+            "0xd0000000",
+            "--forward",
+            "0x8",
+        ],
+        None,
+    );
+    let text = tracing.finish().expect("read the trace");
+    assert!(
+        run.status == Some(0),
+        "mmio-bench failed ({:?})",
+        run.status
+    );
+    let kinds = analyse(&text, 0xd000_0000);
+    let kind = |name: &str| {
+        kinds
+            .iter()
+            .find(|k| k.name == name)
+            .unwrap_or_else(|| panic!("no {name} in the trace"))
+    };
+    for name in [
+        "posted store (user device)",
+        "shadow load (user device)",
+        "forwarded load (user device)",
+        "ioeventfd store",
+    ] {
+        assert!(kind(name).totals.len() >= SAMPLES, "too few {name}s");
+    }
+    assert!(kinds.iter().all(|k| k.name != "timed-out access"));
+    let forwarded = kind("forwarded load (user device)");
+    let replies = &forwarded.steps["kvm_user_reply"];
+    assert_eq!(replies.len(), forwarded.totals.len(), "a reply per load");
+}
+
 #[test]
 fn every_load_forwarded_without_the_shadow_image() {
     let run = vmm(

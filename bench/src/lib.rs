@@ -4,7 +4,8 @@
 //! One guest payload (`guest/`'s `mmio-bench`) times each access type under
 //! every [`variants`] entry; [`run`] interleaves the variants in rounds and
 //! pools the samples; [`report`] turns the [`results`] into a table, a
-//! markdown table and an SVG plot.
+//! markdown table and an SVG plot; [`trace`] shows where one access's time
+//! goes in the kernel.
 
 pub mod guest;
 pub mod qemu;
@@ -12,4 +13,5 @@ pub mod report;
 pub mod results;
 pub mod run;
 pub mod system;
+pub mod trace;
 pub mod variants;

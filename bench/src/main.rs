@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use kvm_userdev_bench::results::{Results, RunConfig, System};
 use kvm_userdev_bench::variants::{self, Programs};
-use kvm_userdev_bench::{qemu, report, run, system};
+use kvm_userdev_bench::{qemu, report, run, system, trace};
 
 #[derive(Parser)]
 #[command(about = "MMIO latency: kvm-userdev against the classic exit paths and QEMU")]
@@ -37,20 +37,68 @@ enum Cmd {
         /// Only these variants (comma-separated; the first is the baseline).
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
-        /// Our VMM (default: `vmm` beside this program).
-        #[arg(long)]
-        vmm: Option<PathBuf>,
-        #[arg(long, default_value = "qemu-system-x86_64")]
-        qemu: PathBuf,
-        /// The guest payload (mmio-bench).
-        #[arg(long)]
-        payload: PathBuf,
+        #[command(flatten)]
+        programs: ProgramArgs,
         /// The CPU model of the machine the VM runs on, for the report.
         #[arg(long, default_value = "")]
         host_cpu: String,
     },
     /// Print the table of an earlier run and rewrite its plot and markdown.
     Report { results: PathBuf },
+    /// Run one variant once, briefly, with KVM's, the user device's and the
+    /// scheduler's tracepoints on; write the trace and its summary into OUT.
+    Trace {
+        #[arg(long)]
+        out: PathBuf,
+        /// The variant (any; QEMU's accesses show as exits to user space).
+        #[arg(long, default_value = "kvm-userdev")]
+        variant: String,
+        /// Timed accesses per access type (each is a few trace lines).
+        #[arg(long, default_value_t = 20)]
+        samples: u32,
+        #[command(flatten)]
+        programs: ProgramArgs,
+    },
+}
+
+/// The programs a run starts, as given on the command line.
+#[derive(clap::Args)]
+struct ProgramArgs {
+    /// Our VMM (default: `vmm` beside this program).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// The guest payload (mmio-bench).
+    #[arg(long)]
+    payload: PathBuf,
+}
+
+/// The same, resolved: the VMM's default, QEMU's place on PATH.
+struct ProgramPaths {
+    vmm: PathBuf,
+    qemu: PathBuf,
+    payload: PathBuf,
+}
+
+impl ProgramArgs {
+    fn resolve(self) -> ProgramPaths {
+        ProgramPaths {
+            vmm: self.vmm.unwrap_or_else(|| beside_me("vmm")),
+            qemu: which(&self.qemu),
+            payload: self.payload,
+        }
+    }
+}
+
+impl ProgramPaths {
+    fn programs(&self) -> Programs<'_> {
+        Programs {
+            vmm: &self.vmm,
+            qemu: &self.qemu,
+            payload: &self.payload,
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -61,20 +109,17 @@ fn main() -> Result<()> {
             samples,
             warmup,
             variants,
-            vmm,
-            qemu,
-            payload,
+            programs,
             host_cpu,
         } => {
             if rounds == 0 || !(1..=4096).contains(&samples) {
                 bail!("--rounds must be at least 1 and --samples 1 to 4096");
             }
-            let vmm = vmm.unwrap_or_else(|| beside_me("vmm"));
+            let paths = programs.resolve();
             let chosen = choose(&variants)?;
-            let qemu_path = which(&qemu);
             let system = System {
                 kernel: system::kernel(),
-                qemu: qemu::version(&qemu_path)?,
+                qemu: qemu::version(&paths.qemu)?,
                 vm_cpu: system::cpu_model(),
                 host_cpu,
                 tsc_khz: system::measure_tsc_khz(),
@@ -84,12 +129,7 @@ fn main() -> Result<()> {
                 samples,
                 warmup,
             };
-            let programs = Programs {
-                vmm: &vmm,
-                qemu: &qemu_path,
-                payload: &payload,
-            };
-            let results = run::run(&chosen, &programs, system, config)?;
+            let results = run::run(&chosen, &paths.programs(), system, config)?;
             write(&out, &results)
         }
         Cmd::Report { results } => {
@@ -98,6 +138,39 @@ fn main() -> Result<()> {
             let r: Results = serde_json::from_str(&text)
                 .with_context(|| format!("parse {}", results.display()))?;
             write(results.parent().unwrap_or(Path::new(".")), &r)
+        }
+        Cmd::Trace {
+            out,
+            variant,
+            samples,
+            programs,
+        } => {
+            if !(1..=4096).contains(&samples) {
+                bail!("--samples must be 1 to 4096");
+            }
+            let paths = programs.resolve();
+            let [chosen] = &choose(&[variant])?[..] else {
+                unreachable!("one name, one variant");
+            };
+            let tracing = trace::Tracing::set_up()?;
+            tracing.on(true)?;
+            let ran = chosen.run(&paths.programs(), &format!("samples={samples} warmup=5"));
+            let text = tracing.finish()?;
+            ran?;
+            let doorbell = u64::from_str_radix(variants::DOORBELL.trim_start_matches("0x"), 16)?;
+            let summary = format!(
+                "{} — exits of the vCPU thread, µs after the exit (median); \
+                 tracing adds its own cost to every step\n\n{}",
+                chosen.name,
+                trace::render(&trace::analyse(&text, doorbell))
+            );
+            trace::write(&out, &text, &summary)?;
+            print!("{summary}");
+            println!(
+                "bench: wrote trace.txt, trace-summary.txt in {}",
+                out.display()
+            );
+            Ok(())
         }
     }
 }

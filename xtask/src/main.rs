@@ -88,9 +88,16 @@ enum Cmd {
         /// baseline). Default: all.
         #[arg(long)]
         variants: Option<String>,
-        /// Where the results go (default: target/bench).
+        /// Where the results go (default: target/bench, with --trace
+        /// target/bench-trace).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Instead of the benchmark: run the first of --variants (default
+        /// kvm-userdev) once with KVM's, the user device's and the
+        /// scheduler's tracepoints on, and summarise where each kind of
+        /// access spent its time (trace.txt, trace-summary.txt in OUT).
+        #[arg(long)]
+        trace: bool,
     },
     /// Run every KVM selftest of the built kernel in the VM, one line each
     /// (pass, fail, skip, timeout): for comparing kernels.
@@ -160,11 +167,19 @@ fn run() -> Result<i32> {
             samples,
             variants,
             out,
+            trace,
         } => bench::run(&bench::Options {
             rounds,
             samples,
             variants,
-            out: out.unwrap_or_else(|| util::repo_root().join("target/bench")),
+            out: out.unwrap_or_else(|| {
+                util::repo_root().join(if trace {
+                    "target/bench-trace"
+                } else {
+                    "target/bench"
+                })
+            }),
+            trace,
         }),
         Cmd::KvmSelftests { debug, per_test } => {
             selftests::run(kernel::Flavour::new(debug), Duration::from_secs(per_test))
