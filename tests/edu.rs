@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use kvm_userdev_bench::variants::{DOORBELL, POLL_NS_PARAMETER};
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -98,6 +100,18 @@ fn vmm_with(payload: &str, args: &[&str], emulator: Option<PathBuf>) -> Run {
     run
 }
 
+/// The benchmark payload under the user device as the benchmark's
+/// kvm-userdev variant runs it: edu's factorial register forwarded, an
+/// ioeventfd at the doorbell; `extra` VMM arguments on top.
+fn mmio_bench(samples: u64, extra: &[&str]) -> Run {
+    let cmdline = format!("samples={samples} warmup=2 doorbell={DOORBELL:#x}");
+    let doorbell = format!("{DOORBELL:#x}");
+    let mut args = vec!["--cmdline", &cmdline, "--doorbell", &doorbell];
+    args.extend(["--forward", "0x8"]);
+    args.extend(extra);
+    vmm_with("mmio-bench", &args, None)
+}
+
 fn assert_clean(s: &Stats) {
     assert_eq!(
         (s.timeouts, s.dropped_stores, s.detached_loads),
@@ -151,24 +165,9 @@ fn edu_features_forwarded_over_a_socket() {
 #[test]
 fn bench_payload_paths() {
     const SAMPLES: u64 = 20;
-    const POLL_NS: &str = "/sys/module/kvm/parameters/user_dev_poll_ns";
-    std::fs::write(POLL_NS, "100000").expect("set kvm.user_dev_poll_ns");
-    let cmdline = format!("samples={SAMPLES} warmup=2 doorbell=0xd0000000");
-    let run = vmm_with(
-        "mmio-bench",
-        &[
-            "--cmdline",
-            &cmdline,
-            "--doorbell",
-            "0xd0000000",
-            "--forward",
-            "0x8",
-            "--emulator-arg=--poll-us",
-            "--emulator-arg=200",
-        ],
-        None,
-    );
-    std::fs::write(POLL_NS, "0").expect("reset kvm.user_dev_poll_ns");
+    std::fs::write(POLL_NS_PARAMETER, "100000").expect("set kvm.user_dev_poll_ns");
+    let run = mmio_bench(SAMPLES, &["--emulator-arg=--poll-us", "--emulator-arg=200"]);
+    std::fs::write(POLL_NS_PARAMETER, "0").expect("reset kvm.user_dev_poll_ns");
     assert!(
         run.status == Some(0) && run.stdout.contains("bench: done"),
         "mmio-bench did not finish cleanly (status {:?})",
@@ -205,29 +204,17 @@ fn bench_payload_paths() {
 #[test]
 fn tracepoints_show_each_path() {
     use kvm_userdev_bench::trace::{analyse, Tracing};
-    const SAMPLES: usize = 10;
+    const SAMPLES: u64 = 10;
     let tracing = Tracing::set_up().expect("set up tracefs");
     tracing.on(true).expect("tracing on");
-    let cmdline = format!("samples={SAMPLES} warmup=2 doorbell=0xd0000000");
-    let run = vmm_with(
-        "mmio-bench",
-        &[
-            "--cmdline",
-            &cmdline,
-            "--doorbell",
-            "0xd0000000",
-            "--forward",
-            "0x8",
-        ],
-        None,
-    );
+    let run = mmio_bench(SAMPLES, &[]);
     let text = tracing.finish().expect("read the trace");
     assert!(
         run.status == Some(0),
         "mmio-bench failed ({:?})",
         run.status
     );
-    let kinds = analyse(&text, 0xd000_0000);
+    let kinds = analyse(&text, DOORBELL);
     let kind = |name: &str| {
         kinds
             .iter()
@@ -240,7 +227,7 @@ fn tracepoints_show_each_path() {
         "forwarded load (user device)",
         "ioeventfd store",
     ] {
-        assert!(kind(name).totals.len() >= SAMPLES, "too few {name}s");
+        assert!(kind(name).totals.len() as u64 >= SAMPLES, "too few {name}s");
     }
     assert!(kinds.iter().all(|k| k.name != "timed-out access"));
     let forwarded = kind("forwarded load (user device)");

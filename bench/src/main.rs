@@ -157,12 +157,11 @@ fn main() -> Result<()> {
             let ran = chosen.run(&paths.programs(), &format!("samples={samples} warmup=5"));
             let text = tracing.finish()?;
             ran?;
-            let doorbell = u64::from_str_radix(variants::DOORBELL.trim_start_matches("0x"), 16)?;
             let summary = format!(
                 "{} — exits of the vCPU thread, µs after the exit (median); \
                  tracing adds its own cost to every step\n\n{}",
                 chosen.name,
-                trace::render(&trace::analyse(&text, doorbell))
+                trace::render(&trace::analyse(&text, variants::DOORBELL))
             );
             trace::write(&out, &text, &summary)?;
             print!("{summary}");

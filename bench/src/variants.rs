@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use crate::qemu::{self, tail};
 
 /// Where our VMM puts its ioeventfd doorbell (the guest's doorbell window).
-pub const DOORBELL: &str = "0xd0000000";
+pub const DOORBELL: u64 = 0xd000_0000;
 /// The edu register the kvm-userdev variant keeps out of the shadow image,
 /// so that its loads reach the emulator (the guest's sync-load register).
 const SYNC_LOAD_REGISTER: &str = "0x8";
@@ -118,10 +118,10 @@ impl Variant {
     /// warm-up); the doorbell is added where the variant has one.
     pub fn run(&self, programs: &Programs, cmdline: &str) -> Result<RunOutput> {
         match &self.how {
-            How::Vmm(args) => run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL}")),
+            How::Vmm(args) => run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL:#x}")),
             How::VmmPolling(args, poll_ns) => {
                 set_poll_ns(*poll_ns)?;
-                let out = run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL}"));
+                let out = run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL:#x}"));
                 set_poll_ns(0)?;
                 out
             }
@@ -175,7 +175,8 @@ fn run_vmm(programs: &Programs, args: &[&str], cmdline: &str) -> Result<RunOutpu
     let out = Command::new(programs.vmm)
         .arg("--payload")
         .arg(programs.payload)
-        .args(["--cmdline", cmdline, "--doorbell", DOORBELL])
+        .args(["--cmdline", cmdline])
+        .args(["--doorbell", &format!("{DOORBELL:#x}")])
         .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
         .args(args)
         .output()
