@@ -6,6 +6,7 @@ mod deps;
 mod kernel;
 mod logscan;
 mod selftests;
+mod stress;
 mod test;
 mod util;
 mod vm;
@@ -99,6 +100,24 @@ enum Cmd {
         #[arg(long)]
         trace: bool,
     },
+    /// The randomized stress test of the user device for longer than
+    /// `cargo xtask test` runs it, after a control arm without the device,
+    /// in one boot of the debug kernel. Faults that the program attributes
+    /// to QEMU TCG's nested SVM are counted and their run repeated once.
+    Soak {
+        /// Seconds of stress with the user device.
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+        /// Seconds of the control arm (the same guest loops, no device).
+        #[arg(long, default_value_t = 120)]
+        control: u64,
+        /// The PRNG seed (default: the program picks one and prints it).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Multi-threaded TCG, where the test bed's fault was seen.
+        #[arg(long)]
+        multi_threaded_tcg: bool,
+    },
     /// Run every KVM selftest of the built kernel in the VM, one line each
     /// (pass, fail, skip, timeout): for comparing kernels.
     KvmSelftests {
@@ -180,6 +199,21 @@ fn run() -> Result<i32> {
                 })
             }),
             trace,
+        }),
+        Cmd::Soak {
+            duration,
+            control,
+            seed,
+            multi_threaded_tcg,
+        } => stress::soak(&stress::SoakOptions {
+            duration: Duration::from_secs(duration),
+            control: Duration::from_secs(control),
+            seed,
+            tcg: if multi_threaded_tcg {
+                vm::Tcg::Multi
+            } else {
+                vm::Tcg::Single
+            },
         }),
         Cmd::KvmSelftests { debug, per_test } => {
             selftests::run(kernel::Flavour::new(debug), Duration::from_secs(per_test))
