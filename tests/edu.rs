@@ -21,6 +21,7 @@ struct Stats {
     timeouts: u64,
     dropped_stores: u64,
     detached_loads: u64,
+    stalled_accesses: u64,
 }
 
 struct Run {
@@ -48,11 +49,24 @@ impl Run {
                         "timeouts" => s.timeouts = v,
                         "dropped_stores" => s.dropped_stores = v,
                         "detached_loads" => s.detached_loads = v,
+                        "stalled_accesses" => s.stalled_accesses = v,
                         _ => {}
                     }
                 }
                 s
             })
+            .collect()
+    }
+
+    /// What each emulator that ended on its own said it missed: accesses
+    /// KVM dropped, seen as gaps in the sequence numbers.
+    fn missed_accesses(&self) -> Vec<u64> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("emulator["))
+            .flat_map(|l| l.split_whitespace())
+            .filter_map(|w| w.strip_prefix("missed_accesses="))
+            .map(|v| v.parse().unwrap_or(u64::MAX))
             .collect()
     }
 
@@ -81,9 +95,9 @@ fn vmm_with(payload: &str, args: &[&str], emulator: Option<PathBuf>) -> Run {
         .arg(repo().join("target/guest/release").join(payload))
         .args(["--timeout", "300"])
         // The debug kernel under nested TCG can be slow to schedule the
-        // emulator: give loads the longest wait, so that only a dead
-        // emulator makes one time out.
-        .args(["--access-timeout-ms", "10000"])
+        // emulator: give loads the longest wait the device allows (1 s), so
+        // that only a dead emulator makes one time out.
+        .args(["--access-timeout-ms", "1000"])
         .args(args);
     if let Some(e) = emulator {
         cmd.arg("--emulator").arg(e);
@@ -114,10 +128,22 @@ fn mmio_bench(samples: u64, extra: &[&str]) -> Run {
 
 fn assert_clean(s: &Stats) {
     assert_eq!(
-        (s.timeouts, s.dropped_stores, s.detached_loads),
-        (0, 0, 0),
+        (
+            s.timeouts,
+            s.dropped_stores,
+            s.detached_loads,
+            s.stalled_accesses
+        ),
+        (0, 0, 0, 0),
         "{s:?}"
     );
+}
+
+/// No emulator saw a gap in the sequence numbers (an emulator that did not
+/// get to say so has nothing to check).
+fn assert_nothing_missed(run: &Run) {
+    let missed = run.missed_accesses();
+    assert!(missed.iter().all(|&m| m == 0), "{missed:?}");
 }
 
 #[test]
@@ -131,6 +157,7 @@ fn edu_features_through_the_user_device() {
     // posted; only loads right behind an unconsumed store were forwarded.
     assert!(s.shadow_loads > 0 && s.posted_stores > 0, "{s:?}");
     assert_clean(s);
+    assert_nothing_missed(&run);
     assert_eq!(run.count("was killed"), 0);
 }
 
@@ -229,7 +256,9 @@ fn tracepoints_show_each_path() {
     ] {
         assert!(kind(name).totals.len() as u64 >= SAMPLES, "too few {name}s");
     }
-    assert!(kinds.iter().all(|k| k.name != "timed-out access"));
+    assert!(kinds
+        .iter()
+        .all(|k| k.name != "failed access (user device)"));
     let forwarded = kind("forwarded load (user device)");
     let replies = &forwarded.steps["kvm_user_reply"];
     assert_eq!(replies.len(), forwarded.totals.len(), "a reply per load");
@@ -252,6 +281,7 @@ fn every_load_forwarded_without_the_shadow_image() {
     assert_eq!(s.shadow_loads, 0, "{s:?}");
     assert!(s.forwarded_loads > 0 && s.posted_stores > 0, "{s:?}");
     assert_clean(s);
+    assert_nothing_missed(&run);
 }
 
 #[test]
@@ -265,6 +295,7 @@ fn two_devices_two_emulators() {
         assert!(s.shadow_loads > 0 && s.posted_stores > 0, "{s:?}");
         assert_clean(s);
     }
+    assert_nothing_missed(&run);
 }
 
 #[test]

@@ -910,6 +910,7 @@ mod tests {
         let counters: BTreeMap<String, u64> = [
             ("posted_stores".to_string(), 1234),
             ("shadow_loads".to_string(), 56),
+            ("stalled_accesses".to_string(), 0),
         ]
         .into();
         Results {
@@ -1044,6 +1045,7 @@ mod tests {
         assert!(row("kvm-userdev", "irq").ends_with('-'), "{t}");
         assert!(t.contains("342.0"));
         assert!(t.contains("posted_stores"));
+        assert!(t.contains("stalled_accesses"));
         assert!(t.contains("kvm-userdev — posted & shadowed <fast> (edu)"));
         assert!(t.contains(NOTE));
         assert!(t.contains("5 rounds × 1000 samples (+ 100 warm-up)"));

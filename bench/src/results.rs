@@ -75,7 +75,8 @@ pub struct VariantResult {
     /// absent.
     pub accesses: Vec<AccessResult>,
     /// User-device counters summed over the rounds (kvm-userdev variants
-    /// only), by name: posted_stores, shadow_loads, forwarded_loads, ...
+    /// only), by name: posted_stores, shadow_loads, forwarded_loads, ...,
+    /// stalled_accesses (the keys of the VMM's `vmm: stats` line).
     pub counters: Option<std::collections::BTreeMap<String, u64>>,
 }
 

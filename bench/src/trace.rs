@@ -21,7 +21,7 @@ const EVENTS: &[&str] = &[
     "kvm/kvm_user_forward",
     "kvm/kvm_user_shadow_hit",
     "kvm/kvm_user_reply",
-    "kvm/kvm_user_timeout",
+    "kvm/kvm_user_fail",
     "sched/sched_waking",
     "sched/sched_wakeup",
     "sched/sched_switch",
@@ -122,8 +122,8 @@ fn field<'a>(args: &'a str, key: &str, next: &str) -> Option<&'a str> {
 /// What an exit was for, from the events between it and the next entry.
 fn classify(reason: &str, events: &[&Event], doorbell: u64) -> Option<&'static str> {
     let has = |n: &str| events.iter().any(|e| e.name == n);
-    if has("kvm_user_timeout") {
-        return Some("timed-out access");
+    if has("kvm_user_fail") {
+        return Some("failed access (user device)");
     }
     if has("kvm_user_forward") {
         return Some("forwarded load (user device)");
@@ -300,11 +300,11 @@ mod tests {
              vmm-57      [001] d..1.     2.000000: kvm_exit: vcpu 0 reason npf rip 0x1 info1 0x1 info2 0xe0000004 intr_info 0x0 error_code 0x0
              vmm-57      [001] .....     2.000020: kvm_mmio: mmio write len 4 gpa 0xe0000004 val 0x32
              vmm-57      [001] d..6.     2.000030: sched_waking: comm=kvm-userdev-emu pid=59 prio=120 target_cpu=000
-             vmm-57      [001] .....     2.000040: kvm_user_enqueue: seq 76 range 0 offset 0x4 len 4 data 0x32
+             vmm-57      [001] .....     2.000040: kvm_user_enqueue: vcpu 0 seq 76 range 0 offset 0x4 len 4 data 0x32
           <idle>-0       [000] dNh2.     2.000045: sched_wakeup: comm=kvm-userdev-emu pid=59 prio=120 target_cpu=000
              vmm-57      [001] d..1.     2.000050: kvm_entry: vcpu 0, rip 0x2
              vmm-57      [001] d..1.     2.000100: kvm_exit: vcpu 0 reason npf rip 0x1 info1 0x1 info2 0xe0000008 intr_info 0x0 error_code 0x0
-             vmm-57      [001] .....     2.000120: kvm_user_forward: seq 77 range 0 offset 0x8 len 4 data 0x0
+             vmm-57      [001] .....     2.000120: kvm_user_forward: vcpu 0 seq 77 range 0 offset 0x8 len 4 data 0x0
              vmm-57      [001] d..2.     2.000125: sched_switch: prev_comm=vmm prev_pid=57 prev_prio=120 prev_state=D ==> next_comm=swapper/1 next_pid=0 next_prio=120
  kvm-userdev-emu-59      [000] .....     2.000160: kvm_user_reply: seq 77 data 0x0
              vmm-57      [001] d..1.     2.000200: kvm_entry: vcpu 0, rip 0x2

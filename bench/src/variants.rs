@@ -218,13 +218,15 @@ mod tests {
     #[test]
     fn counters_from_stats_lines() {
         let stderr = "vmm: edu: emulator pid 5 started\n\
-            vmm: stats edu at 00:01.0: posted_stores=240 shadow_loads=170 timeouts=0\n";
+            vmm: stats edu at 00:01.0: posted_stores=240 shadow_loads=170 timeouts=0 stalled_accesses=2\n\
+            emulator[edu]: done (VmmGone): accesses=9 missed_accesses=1\n";
         assert_eq!(
             counters(stderr),
             vec![
                 ("posted_stores".to_string(), 240),
                 ("shadow_loads".to_string(), 170),
-                ("timeouts".to_string(), 0)
+                ("timeouts".to_string(), 0),
+                ("stalled_accesses".to_string(), 2)
             ]
         );
     }

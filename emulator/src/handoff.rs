@@ -15,7 +15,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MAGIC: &str = "kvm-userdev-setup 1";
 const MAX_MESSAGE: usize = 4096;
-/// Slave, memory, INTx pair, MSI vectors.
+/// Backend, memory, INTx pair, MSI vectors.
 pub const MAX_FDS: usize = 4 + MAX_MSI_VECTORS;
 pub const MAX_MSI_VECTORS: usize = 32;
 
@@ -61,7 +61,7 @@ pub struct Setup {
 /// How guest accesses reach the emulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// The user device's ring, through the slave fd.
+    /// The user device's ring, through the backend fd.
     Ring,
     /// Messages from a VMM that takes the exits itself ([`crate::wire`]).
     Socket,
@@ -70,7 +70,7 @@ pub enum Transport {
 /// The descriptors of a setup, in the order they travel.
 #[derive(Debug)]
 pub struct SetupFds {
-    /// The slave fd, or with [`Transport::Socket`] the access socket.
+    /// The backend fd, or with [`Transport::Socket`] the access socket.
     pub accesses: OwnedFd,
     pub memory: OwnedFd,
     /// (irqfd, resample fd)
@@ -218,7 +218,7 @@ pub fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
-/// Sends the setup with its descriptors: slave (or access socket), memory,
+/// Sends the setup with its descriptors: backend (or access socket), memory,
 /// [INTx irqfd, resample fd,] MSI irqfds.
 pub fn send_setup(
     sock: &UnixDatagram,

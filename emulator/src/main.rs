@@ -16,9 +16,10 @@ use emulator::handoff::{recv_setup, Transport};
 use emulator::model;
 use emulator::sandbox;
 use emulator::serve::{
-    access_map, map_memory, poll_sources, serve, Accesses, Intx, Platform, Spin, SHADOW_SIZE,
+    access_map, map_memory, poll_sources, serve, Accesses, Intx, Platform, Served, Spin,
+    SHADOW_SIZE,
 };
-use userdev::Slave;
+use userdev::Backend;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Args {
@@ -78,21 +79,21 @@ fn run() -> Result<(), Box<dyn Error>> {
     let mut model = model::by_name(&setup.model)
         .ok_or_else(|| format!("unknown device model {:?}", setup.model))?;
     // One of the two, by transport.
-    let (slave, socket) = match setup.transport {
-        Transport::Ring => (Some(Slave::new(fds.accesses)?), None),
+    let (backend, socket) = match setup.transport {
+        Transport::Ring => (Some(Backend::new(fds.accesses)?), None),
         Transport::Socket => {
             let socket = UnixDatagram::from(fds.accesses);
             socket.set_nonblocking(true)?;
             (None, Some(socket))
         }
     };
-    let accesses = match (&slave, &socket) {
-        (Some(slave), _) => Accesses::Ring(slave),
+    let accesses = match (&backend, &socket) {
+        (Some(backend), _) => Accesses::Ring(backend),
         (None, Some(socket)) => Accesses::Socket(socket),
         (None, None) => unreachable!("one transport"),
     };
-    let shadow = match &slave {
-        Some(slave) if setup.shadow => Some(slave.create_shadow(SHADOW_SIZE)?),
+    let shadow = match &backend {
+        Some(backend) if setup.shadow => Some(backend.create_shadow(SHADOW_SIZE)?),
         _ => None,
     };
     let mut platform = Platform {
@@ -107,8 +108,8 @@ fn run() -> Result<(), Box<dyn Error>> {
     };
     let mut poll = poll_sources(accesses, &control, &platform)?;
     // Calibrated before the sandbox: the clock may need a system call.
-    let spin = match (&slave, args.poll_us) {
-        (Some(slave), us) if us > 0 => Some(Spin::calibrate(slave, us)),
+    let spin = match (&backend, args.poll_us) {
+        (Some(backend), us) if us > 0 => Some(Spin::calibrate(backend, us)),
         _ => None,
     };
 
@@ -116,7 +117,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
     let report = sandbox::enter(&sandbox::Fds {
         accesses: match accesses {
-            Accesses::Ring(slave) => sandbox::Accesses::Slave(slave.as_raw_fd()),
+            Accesses::Ring(backend) => sandbox::Accesses::Backend(backend.as_raw_fd()),
             Accesses::Socket(socket) => sandbox::Accesses::Socket(socket.as_raw_fd()),
         },
         control: control.as_raw_fd(),
@@ -139,10 +140,11 @@ fn run() -> Result<(), Box<dyn Error>> {
     let _ = &args.probe;
 
     // Only now is guest-controlled data read: the ring, guest memory.
-    let served = (|| -> Result<_, Box<dyn Error>> {
-        if let (Some(slave), true) = (&slave, setup.shadow) {
+    let mut served = Served::default();
+    let result = (|| -> Result<_, Box<dyn Error>> {
+        if let (Some(backend), true) = (&backend, setup.shadow) {
             model.publish_all(&mut platform);
-            slave.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
+            backend.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
         }
         Ok(serve(
             &mut poll,
@@ -151,16 +153,18 @@ fn run() -> Result<(), Box<dyn Error>> {
             &mut platform,
             model.as_mut(),
             spin,
+            &mut served,
         )?)
     })();
+    let stats = format!("{served} irq_errors={}", platform.irq_errors);
     // Exit without running destructors: close(2) is not on the allow-list.
-    match served {
+    match result {
         Ok(exit) => {
-            emulator::log!("emulator[{}]: done ({exit:?})", setup.model);
+            emulator::log!("emulator[{}]: done ({exit:?}): {stats}", setup.model);
             std::process::exit(0)
         }
         Err(e) => {
-            emulator::log!("emulator[{}]: {e}", setup.model);
+            emulator::log!("emulator[{}]: {e}; {stats}", setup.model);
             std::process::exit(1)
         }
     }

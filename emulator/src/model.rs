@@ -49,9 +49,12 @@ pub struct PciIdentity {
 pub trait DeviceModel {
     fn identity(&self) -> PciIdentity;
     /// A guest load of `len` bytes at BAR0 offset `offset` that reached the
-    /// model (not served from the shadow image).
+    /// model (not served from the shadow image); the value goes in the low
+    /// `len` bytes. `len` is 1 to 8: 3, 5, 6 and 7 only for the part of an
+    /// access that a page boundary split.
     fn load(&mut self, env: &mut dyn Env, offset: u64, len: u8) -> u64;
-    /// A guest store; `data` is in the low `len` bytes.
+    /// A guest store; `data` is in the low `len` bytes (guest byte order,
+    /// little-endian).
     fn store(&mut self, env: &mut dyn Env, offset: u64, len: u8, data: u64);
     /// The registers without load side effects, which the model keeps
     /// current in the shadow image through [`Env::publish`].

@@ -68,8 +68,8 @@ pub struct Fds {
 /// Where guest accesses come from.
 #[derive(Clone, Copy, Debug)]
 pub enum Accesses {
-    /// The user device's slave fd: the ring, replies, ioctls.
-    Slave(RawFd),
+    /// The user device's backend fd: the ring, replies, ioctls.
+    Backend(RawFd),
     /// A socket from a VMM that forwards its exits (see [`crate::wire`]).
     Socket(RawFd),
 }
@@ -77,7 +77,7 @@ pub enum Accesses {
 impl Accesses {
     fn fd(self) -> RawFd {
         match self {
-            Accesses::Slave(fd) | Accesses::Socket(fd) => fd,
+            Accesses::Backend(fd) | Accesses::Socket(fd) => fd,
         }
     }
 }
@@ -241,9 +241,9 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
             .map(|&fd| SeccompRule::new(vec![fd_is(fd)]).expect("valid rule"))
             .collect()
     };
-    let ioctl = |slave: RawFd, cmd: u64| {
+    let ioctl = |backend: RawFd, cmd: u64| {
         SeccompRule::new(vec![
-            fd_is(slave),
+            fd_is(backend),
             Cond::new(1, Len::Dword, Cmp::Eq, cmd).expect("valid condition"),
         ])
         .expect("valid rule")
@@ -256,15 +256,15 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut receivers = vec![fds.control];
     let mut rules = BTreeMap::new();
     match fds.accesses {
-        Accesses::Slave(slave) => {
+        Accesses::Backend(backend) => {
             // Replies to forwarded loads.
-            writers.push(slave);
+            writers.push(backend);
             // Waking vCPUs that wait for ring space; access-map updates.
             rules.insert(
                 libc::SYS_ioctl,
                 vec![
-                    ioctl(slave, userdev::sys::KVM_USER_WAKE()),
-                    ioctl(slave, userdev::sys::KVM_USER_SET_ACCESS_MAP()),
+                    ioctl(backend, userdev::sys::KVM_USER_WAKE()),
+                    ioctl(backend, userdev::sys::KVM_USER_SET_ACCESS_MAP()),
                 ],
             );
         }
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn filter_compiles_and_pins_fds() {
         let fds = Fds {
-            accesses: Accesses::Slave(3),
+            accesses: Accesses::Backend(3),
             control: 4,
             epoll: 5,
             resample: Some(7),

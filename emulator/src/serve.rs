@@ -1,4 +1,4 @@
-//! The emulator's event loop: guest accesses from the slave's ring,
+//! The emulator's event loop: guest accesses from the backend's ring,
 //! control messages from the VMM, and INTx resampling, on one mio poll.
 
 use std::io;
@@ -14,10 +14,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::handoff::Control;
 use crate::model::{DeviceModel, Env};
 use crate::wire;
-use userdev::{Access, MapEntry, Op, Reply, Shadow, Slave};
+use userdev::{Access, Backend, MapEntry, Op, Reply, SeqGaps, Shadow};
 
 /// The range id the VMM gives BAR0.
-pub const BAR0_RANGE: u32 = 0;
+pub const BAR0_RANGE: u16 = 0;
 /// The shadow image mirrors BAR0's first page at the same offsets.
 pub const SHADOW_SIZE: usize = 4096;
 
@@ -138,6 +138,29 @@ pub fn access_map(model: &dyn DeviceModel, forward: &[u64]) -> Vec<MapEntry> {
         .collect()
 }
 
+/// What the loop has seen, for the emulator's last log line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Served {
+    /// Accesses that reached the model: stores and forwarded loads.
+    pub accesses: u64,
+    /// Accesses KVM dropped before they reached this emulator (no backend,
+    /// a stalled one, a ring that stayed full): gaps in the sequence
+    /// numbers. Not an error: the model just never saw them.
+    pub seq: SeqGaps,
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "accesses={} missed_accesses={} seq_gaps={}",
+            self.accesses,
+            self.seq.missed(),
+            self.seq.gaps()
+        )
+    }
+}
+
 /// Why the loop ended.
 #[derive(Debug)]
 pub enum Exit {
@@ -159,7 +182,7 @@ pub enum ServeError {
 #[derive(Clone, Copy)]
 pub enum Accesses<'a> {
     /// The user device's ring.
-    Ring(&'a Slave),
+    Ring(&'a Backend),
     /// A VMM forwarding its exits ([`crate::wire`]); non-blocking.
     Socket(&'a UnixDatagram),
 }
@@ -167,7 +190,7 @@ pub enum Accesses<'a> {
 impl AsRawFd for Accesses<'_> {
     fn as_raw_fd(&self) -> RawFd {
         match self {
-            Accesses::Ring(slave) => slave.as_raw_fd(),
+            Accesses::Ring(backend) => backend.as_raw_fd(),
             Accesses::Socket(socket) => socket.as_raw_fd(),
         }
     }
@@ -212,13 +235,13 @@ pub struct Spin {
 }
 
 impl Spin {
-    /// Measures how fast this CPU looks at `slave`'s ring head and sizes
+    /// Measures how fast this CPU looks at `backend`'s ring head and sizes
     /// the spin to last about `us` microseconds.
-    pub fn calibrate(slave: &Slave, us: u64) -> Spin {
+    pub fn calibrate(backend: &Backend, us: u64) -> Spin {
         const TRIAL: u64 = 100_000;
         let start = Instant::now();
         for _ in 0..TRIAL {
-            std::hint::black_box(slave.pending());
+            std::hint::black_box(backend.pending());
             std::hint::spin_loop();
         }
         let ns = (start.elapsed().as_nanos() as u64).max(1);
@@ -228,9 +251,9 @@ impl Spin {
     }
 
     /// Watches the ring for up to the polling time; true if it holds work.
-    fn wait(self, slave: &Slave) -> bool {
+    fn wait(self, backend: &Backend) -> bool {
         for _ in 0..self.looks {
-            if slave.pending() > 0 {
+            if backend.pending() > 0 {
                 return true;
             }
             std::hint::spin_loop();
@@ -240,7 +263,8 @@ impl Spin {
 }
 
 /// Serves the device until the VM or the VMM goes away. With `spin`, the
-/// ring is watched for a while before each sleep.
+/// ring is watched for a while before each sleep. `served` counts what
+/// came in, also when this returns an error.
 pub fn serve(
     poll: &mut Poll,
     accesses: Accesses,
@@ -248,6 +272,7 @@ pub fn serve(
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
     spin: Option<Spin>,
+    served: &mut Served,
 ) -> Result<Exit, ServeError> {
     let mut events = Events::with_capacity(8);
     let mut replies = Vec::with_capacity(64);
@@ -255,7 +280,7 @@ pub fn serve(
         // Work found while spinning: still collect other events, without
         // sleeping, so that a busy ring does not starve resampling.
         let busy = match (accesses, spin) {
-            (Accesses::Ring(slave), Some(spin)) => spin.wait(slave),
+            (Accesses::Ring(backend), Some(spin)) => spin.wait(backend),
             _ => false,
         };
         let timeout = busy.then_some(Duration::ZERO);
@@ -279,14 +304,14 @@ pub fn serve(
             platform.take_resample();
         }
         let open = match accesses {
-            Accesses::Ring(slave) => {
-                match serve_ring(slave, control, platform, model, &mut replies) {
+            Accesses::Ring(backend) => {
+                match serve_ring(backend, control, platform, model, &mut replies, served) {
                     Ok(()) => true,
                     Err(userdev::Error::DeviceGone) => false,
                     Err(e) => return Err(e.into()),
                 }
             }
-            Accesses::Socket(socket) => serve_socket(socket, control, platform, model)?,
+            Accesses::Socket(socket) => serve_socket(socket, control, platform, model, served)?,
         };
         if !open {
             return Ok(Exit::DeviceGone);
@@ -297,27 +322,33 @@ pub fn serve(
     }
 }
 
-/// Consumes the ring until it is empty.
+/// Consumes the ring until it is empty. Each batch is applied in full,
+/// shadow-image updates included, before the tail moves past it: KVM
+/// serves a vCPU's loads from the shadow image once its stores are
+/// consumed.
 fn serve_ring(
-    slave: &Slave,
+    backend: &Backend,
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
     replies: &mut Vec<Reply>,
+    served: &mut Served,
 ) -> userdev::Result<()> {
     loop {
         // Snapshot the head before reading control messages: a message the
         // VMM sent before a vCPU made one of these accesses (MSI enabled,
         // then a store that raises) is then already in the socket.
-        let pending = slave.pending();
+        let pending = backend.pending();
         if pending == 0 {
             return Ok(());
         }
         drain_control(control, platform);
         replies.clear();
-        slave.consume_max(pending, |a: &Access| handle(a, platform, model, replies))?;
+        backend.consume_max(pending, |a: &Access| {
+            handle(a, platform, model, replies, served)
+        })?;
         if !replies.is_empty() {
-            slave.reply(replies)?;
+            backend.reply(replies)?;
         }
     }
 }
@@ -329,6 +360,7 @@ fn serve_socket(
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
+    served: &mut Served,
 ) -> io::Result<bool> {
     // As on the ring: control messages sent before these accesses first.
     drain_control(control, platform);
@@ -347,7 +379,7 @@ fn serve_socket(
             continue;
         };
         replies.clear();
-        handle(&access, platform, model, &mut replies);
+        handle(&access, platform, model, &mut replies, served);
         for r in &replies {
             // A VMM that is gone shows as end of file on the next recv.
             let _ = socket.send(&wire::encode_reply(r));
@@ -360,18 +392,26 @@ fn handle(
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
     replies: &mut Vec<Reply>,
+    served: &mut Served,
 ) {
-    // Only BAR0 is ours; anything else answers like a master abort.
+    served.accesses += 1;
+    let missed = served.seq.note(a.seq);
+    if missed > 0 && served.seq.gaps() == 1 {
+        crate::log!(
+            "emulator: KVM dropped {missed} accesses before seq {} (no backend, a stalled one, or a full ring); later gaps are only counted",
+            a.seq
+        );
+    }
+    // Only BAR0 is ours; anything else reads all-ones, as an access that
+    // no device claims does.
     match (a.op, a.range == BAR0_RANGE) {
-        (Op::Store, true) => model.store(platform, a.offset, a.len, a.data),
-        (Op::Load, true) => replies.push(Reply {
-            seq: a.seq,
-            data: model.load(platform, a.offset, a.len),
-        }),
-        (Op::Load, false) => replies.push(Reply {
-            seq: a.seq,
-            data: !0,
-        }),
+        (Op::Store, true) => model.store(platform, a.offset, a.len, a.value()),
+        (Op::Load, true) => replies.push(Reply::with_value(
+            a.seq,
+            a.len,
+            model.load(platform, a.offset, a.len),
+        )),
+        (Op::Load, false) => replies.push(Reply::with_value(a.seq, a.len, !0)),
         (Op::Store, false) => {}
     }
 }

@@ -7,7 +7,7 @@ use crate::interrupts::without_interrupts;
 use crate::io::Port;
 
 // SAFETY: configuration mechanism #1. Configuration accesses can redirect
-// BARs and enable bus mastering; the functions below only do what their
+// BARs and enable a device's DMA; the functions below only do what their
 // callers ask for, and tests place BARs in the MMIO hole, away from RAM.
 const CONFIG_ADDRESS: Port = unsafe { Port::new(0xcf8) };
 const CONFIG_DATA: u16 = 0xcfc;
@@ -23,7 +23,8 @@ pub const INTERRUPT_LINE: u8 = 0x3c;
 
 pub const COMMAND_IO: u16 = 1 << 0;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
-pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// The device may initiate transactions of its own (DMA, MSI writes).
+pub const COMMAND_DMA: u16 = 1 << 2;
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 const STATUS_CAPABILITIES: u16 = 1 << 4;
 

@@ -1,4 +1,4 @@
-//! The emulator's side: the slave fd, its ring, replies, the shadow image
+//! The emulator's side: the backend fd, its ring, replies, the shadow image
 //! and the access map.
 
 use std::io;
@@ -21,19 +21,31 @@ pub enum Op {
 /// One guest access that reached the emulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {
-    /// Device-wide sequence number; a load's reply names it.
+    /// Device-wide sequence number; a load's reply names it. Every access
+    /// not served from the shadow image takes one, including those KVM
+    /// dropped without queueing a record: a gap counts them ([`SeqGaps`]).
     pub seq: u64,
-    /// The range id, as the VMM set it on the master.
-    pub range: u32,
+    /// The range id, as the VMM set it on the device fd.
+    pub range: u16,
     /// From the start of the range.
     pub offset: u64,
-    /// 1, 2, 4 or 8 bytes.
+    /// 1 to 8 bytes: 1, 2, 4 or 8, or 3, 5, 6 or 7 for the part of an
+    /// access that a page boundary split.
     pub len: u8,
     pub op: Op,
-    /// Store data in the low `len` bytes (0 for loads).
-    pub data: u64,
+    /// Store data: the first `len` bytes in access order (zero for loads).
+    /// [`Access::value`] reads it as a number.
+    pub data: [u8; 8],
     /// Index of the vCPU that made the access.
-    pub vcpu: u16,
+    pub vcpu: u32,
+}
+
+impl Access {
+    /// The store data as a little-endian number of `len` bytes (the guest's
+    /// byte order on x86).
+    pub fn value(&self) -> u64 {
+        data::to_u64(&self.data, self.len)
+    }
 }
 
 impl From<&sys::kvm_user_access> for Access {
@@ -59,8 +71,34 @@ impl From<&sys::kvm_user_access> for Access {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reply {
+    /// The load's [`Access::seq`].
     pub seq: u64,
-    pub data: u64,
+    /// The load's `len` bytes in access order.
+    pub data: [u8; 8],
+    /// Zero, as the kernel requires.
+    flags: u64,
+}
+
+impl Reply {
+    /// A reply with the load's bytes, in access order.
+    pub fn new(seq: u64, data: [u8; 8]) -> Self {
+        Reply {
+            seq,
+            data,
+            flags: 0,
+        }
+    }
+
+    /// A reply to a load of `len` bytes whose value is `value`
+    /// (little-endian, the guest's byte order on x86).
+    pub fn with_value(seq: u64, len: u8, value: u64) -> Self {
+        Reply::new(seq, data::from_u64(value, len))
+    }
+
+    /// The reply's data as a little-endian number of `len` bytes.
+    pub fn value(&self, len: u8) -> u64 {
+        data::to_u64(&self.data, len)
+    }
 }
 
 const _: () = {
@@ -68,9 +106,78 @@ const _: () = {
     assert!(size_of::<Reply>() == size_of::<sys::kvm_user_reply>());
     assert!(offset_of!(Reply, seq) == offset_of!(sys::kvm_user_reply, seq));
     assert!(offset_of!(Reply, data) == offset_of!(sys::kvm_user_reply, data));
+    assert!(offset_of!(Reply, flags) == offset_of!(sys::kvm_user_reply, flags));
 };
 
-/// A shared mapping of part of the slave file, unmapped on drop.
+/// Access and reply data (`[u8; 8]`, the first `len` bytes in access
+/// order) as numbers: little-endian, the guest's byte order on x86.
+pub mod data {
+    /// The first `len` bytes of `data` (at most 8) as a little-endian
+    /// number; the bytes beyond `len` are ignored.
+    pub fn to_u64(data: &[u8; 8], len: u8) -> u64 {
+        let n = usize::from(len.min(8));
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&data[..n]);
+        u64::from_le_bytes(b)
+    }
+
+    /// The low `len` bytes of `value` (at most 8), little-endian first;
+    /// the bytes beyond `len` are zero.
+    pub fn from_u64(value: u64, len: u8) -> [u8; 8] {
+        let n = usize::from(len.min(8));
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+        b
+    }
+}
+
+/// Counts the accesses a backend missed. KVM gives every access that is not
+/// served from the shadow image the next sequence number, also those it
+/// drops without a record (no backend, a stalled backend, a full ring that
+/// stayed full): a gap between consecutive records is that many accesses
+/// lost. That is not an error, the device model just never saw them.
+/// Records reach a backend in sequence order, whether through the ring or
+/// `read()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqGaps {
+    last: Option<u64>,
+    missed: u64,
+    gaps: u64,
+}
+
+impl SeqGaps {
+    /// Notes the access with `seq` (in the order records arrive); returns
+    /// how many accesses were dropped just before it (0 for the first one
+    /// seen: what came before this backend is unknown).
+    pub fn note(&mut self, seq: u64) -> u64 {
+        let missed = match self.last {
+            Some(last) => seq.wrapping_sub(last).wrapping_sub(1),
+            None => 0,
+        };
+        // A sequence number that went backwards is not a gap: count
+        // nothing (a well-behaved kernel never does that).
+        let missed = if missed > u64::MAX / 2 { 0 } else { missed };
+        self.last = Some(seq);
+        if missed > 0 {
+            self.missed += missed;
+            self.gaps += 1;
+        }
+        missed
+    }
+
+    /// Accesses missed so far.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+
+    /// Gaps seen so far (runs of missed accesses).
+    pub fn gaps(&self) -> u64 {
+        self.gaps
+    }
+}
+
+/// A shared mapping of part of the backend file, unmapped on drop. Never
+/// executable and always shared: the kernel refuses anything else.
 #[derive(Debug)]
 struct Mapping {
     ptr: NonNull<u8>,
@@ -126,27 +233,32 @@ fn page_size() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
-/// The emulator's end of a user device: consume accesses, reply to loads,
-/// publish the shadow image.
+/// The emulator's end of a user device (the backend fd): consume accesses,
+/// reply to loads, publish the shadow image.
 ///
-/// Consume either from the ring ([`Slave::consume`], no syscall per
-/// record) or with [`Slave::read`]; not both from concurrent threads.
+/// Consume either from the ring ([`Backend::consume`], no syscall per
+/// record) or with [`Backend::read`]; not both from concurrent threads.
 #[derive(Debug)]
-pub struct Slave {
+pub struct Backend {
     ring: Mapping,
     entries: u32,
     fd: OwnedFd,
 }
 
-/// Records taken per [`Slave::consume`] call at most: one ring's worth.
+/// The size of one ring record.
 const RECORD: usize = std::mem::size_of::<sys::kvm_user_access>();
 
-impl Slave {
-    /// Takes over a slave fd (from [`crate::Master::create_slave`], usually
-    /// received over a UNIX socket) and maps its ring.
+/// The largest shadow image this crate asks for: a sanity bound only; the
+/// device's own limit is [`crate::UserDevice::max_shadow_size`], and the
+/// kernel refuses more than that.
+const MAX_SHADOW_SIZE: u64 = 16 << 20;
+
+impl Backend {
+    /// Takes over a backend fd (from [`crate::UserDevice::create_backend`],
+    /// usually received over a UNIX socket) and maps its ring.
     pub fn new(fd: OwnedFd) -> Result<Self> {
         // The ring's size is in its header: map that first.
-        let head = Mapping::new(fd.as_fd(), page_size(), 0, "mmap(slave ring header)")?;
+        let head = Mapping::new(fd.as_fd(), page_size(), 0, "mmap(backend ring header)")?;
         let entries_ptr = head
             .cell::<u32>(sys::RING_ENTRIES_OFFSET)
             .expect("the header lies in the first page");
@@ -156,14 +268,14 @@ impl Slave {
         drop(head);
         if !entries.is_power_of_two() || entries > 1 << 16 {
             return Err(Error::Os {
-                op: "slave ring header",
+                op: "backend ring header",
                 source: io::Error::new(io::ErrorKind::InvalidData, format!("{entries} entries")),
             });
         }
         let len =
             (sys::RING_RECORDS_OFFSET + entries as usize * RECORD).next_multiple_of(page_size());
-        let ring = Mapping::new(fd.as_fd(), len, 0, "mmap(slave ring)")?;
-        Ok(Slave { ring, entries, fd })
+        let ring = Mapping::new(fd.as_fd(), len, 0, "mmap(backend ring)")?;
+        Ok(Backend { ring, entries, fd })
     }
 
     fn ring_u32(&self, offset: usize) -> &AtomicU32 {
@@ -190,13 +302,12 @@ impl Slave {
         self.consume_max(u32::MAX, handle)
     }
 
-    /// As [`Slave::consume`], but takes at most `max` records: those that
-    /// [`Slave::pending`] counted, for a caller that must look at something
-    /// else between seeing records arrive and handling them.
+    /// As [`Backend::consume`], but takes at most `max` records: those that
+    /// [`Backend::pending`] counted, for a caller that must look at
+    /// something else between seeing records arrive and handling them.
     pub fn consume_max(&self, max: u32, mut handle: impl FnMut(&Access)) -> Result<u32> {
         let head = self.ring_u32(sys::RING_HEAD_OFFSET).load(Ordering::Acquire);
-        let tail_cell = self.ring_u32(sys::RING_TAIL_OFFSET);
-        let tail = tail_cell.load(Ordering::Relaxed);
+        let tail = self.ring_u32(sys::RING_TAIL_OFFSET).load(Ordering::Relaxed);
         // The kernel never has more than `entries` pending; anything else is
         // a tail that someone else (a read() in another thread) moved.
         let n = head.wrapping_sub(tail).min(self.entries).min(max);
@@ -215,33 +326,46 @@ impl Slave {
             let record = unsafe { p.read_volatile() };
             handle(&Access::from(&record));
         }
-        tail_cell.store(tail.wrapping_add(n), Ordering::Release);
-        // Order the tail store before reading the flag, against the
-        // vCPU's "set flag, then re-check tail".
+        self.move_tail(tail.wrapping_add(n))?;
+        Ok(n)
+    }
+
+    /// Marks the records before `tail` consumed: the one place the ring's
+    /// tail moves. Publishes the tail (release: the records' effects come
+    /// first), then, ordered after it by a full fence against a vCPU's "set
+    /// NEED_WAKE, then re-check the tail", reads the flags. The flag stays
+    /// set while vCPUs wait (for ring space, or for their stores to be
+    /// consumed), so every tail move that sees it set must wake them.
+    fn move_tail(&self, tail: u32) -> Result<()> {
+        self.ring_u32(sys::RING_TAIL_OFFSET)
+            .store(tail, Ordering::Release);
         fence(Ordering::SeqCst);
         let flags = self
             .ring_u32(sys::RING_FLAGS_OFFSET)
             .load(Ordering::Relaxed);
         if flags & sys::KVM_USER_RING_NEED_WAKE != 0 {
-            self.wake()?;
-        }
-        Ok(n)
-    }
-
-    /// Tells KVM the ring has room, waking vCPUs that wait for it.
-    /// [`Slave::consume`] does this when the ring asks for it.
-    pub fn wake(&self) -> Result<()> {
-        // SAFETY: an ioctl without argument on our own fd.
-        let ret = unsafe { ioctl(&self.fd, sys::KVM_USER_WAKE()) };
-        if ret < 0 {
-            return Err(self.gone_or("KVM_USER_WAKE"));
+            // SAFETY: an ioctl whose argument is 0 on our own fd; it
+            // touches no memory of ours.
+            let ret = unsafe { ioctl(&self.fd, sys::KVM_USER_WAKE()) };
+            if ret < 0 {
+                return Err(self.gone_or("KVM_USER_WAKE"));
+            }
         }
         Ok(())
     }
 
-    /// The `read()` path: fills `out` with pending records and consumes
-    /// them; returns how many. Blocks while none is pending unless the fd
-    /// is non-blocking, which gives `Ok(0)` then.
+    /// The `read()` path: fills `out` with pending records; returns how
+    /// many. Blocks while none is pending unless the fd is non-blocking,
+    /// which gives `Ok(0)` then.
+    ///
+    /// The kernel *delivers* records with a read without consuming them:
+    /// those returned by one call count as consumed only at the next call
+    /// on this backend (whether it returns records, would block or blocks),
+    /// or once [`Backend::consume`] moves the tail past them. So finish
+    /// everything a batch asks for, shadow-image updates above all, before
+    /// calling `read` again: KVM serves a vCPU's loads from the shadow
+    /// image once its stores are consumed. (An empty `out` makes no call,
+    /// and so consumes nothing.)
     pub fn read(&self, out: &mut [Access]) -> Result<usize> {
         let mut raw = [sys::kvm_user_access::default(); 32];
         let want = out.len().min(raw.len());
@@ -256,7 +380,7 @@ impl Slave {
             return match e.kind() {
                 io::ErrorKind::WouldBlock => Ok(0),
                 _ => Err(Error::Os {
-                    op: "read(slave)",
+                    op: "read(backend)",
                     source: e,
                 }),
             };
@@ -299,7 +423,7 @@ impl Slave {
                     Some(libc::ENODEV) => return Err(Error::DeviceGone),
                     _ => {
                         return Err(Error::Os {
-                            op: "write(slave replies)",
+                            op: "write(backend replies)",
                             source: e,
                         })
                     }
@@ -312,10 +436,11 @@ impl Slave {
     }
 
     /// Allocates the zero-filled shadow image (`len` a multiple of the page
-    /// size, at most 16 MiB; once per slave) and maps it.
+    /// size, at most the device's maximum, 16 MiB today; once per backend)
+    /// and maps it.
     pub fn create_shadow(&self, len: usize) -> Result<Shadow> {
         let size = len as u64;
-        if size == 0 || size > sys::KVM_USER_MAX_SHADOW_SIZE || !len.is_multiple_of(page_size()) {
+        if size == 0 || size > MAX_SHADOW_SIZE || !len.is_multiple_of(page_size()) {
             return Err(Error::ShadowSize(size));
         }
         // SAFETY: the ioctl reads one u64 from `size`, which outlives it.
@@ -363,6 +488,7 @@ impl Slave {
             *raw = sys::kvm_user_map_entry {
                 range: e.range,
                 sizes: e.sizes.0,
+                flags: 0,
                 offset: e.offset,
                 len: e.len,
                 shadow_offset: e.shadow_offset,
@@ -394,13 +520,13 @@ impl Slave {
     }
 }
 
-impl AsRawFd for Slave {
+impl AsRawFd for Backend {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }
 
-impl AsFd for Slave {
+impl AsFd for Backend {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -408,7 +534,7 @@ impl AsFd for Slave {
 
 /// Load sizes an access-map entry allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sizes(u32);
+pub struct Sizes(u16);
 
 impl Sizes {
     pub const B1: Sizes = Sizes(1);
@@ -418,7 +544,7 @@ impl Sizes {
     pub const ALL: Sizes = Sizes(15);
 
     pub fn allows(self, len: u8) -> bool {
-        len.is_power_of_two() && len <= 8 && self.0 & u32::from(len) != 0
+        len.is_power_of_two() && len <= 8 && self.0 & u16::from(len) != 0
     }
 }
 
@@ -434,7 +560,7 @@ impl std::ops::BitOr for Sizes {
 /// at `shadow_offset + (load offset - offset)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapEntry {
-    pub range: u32,
+    pub range: u16,
     pub offset: u64,
     pub len: u64,
     pub shadow_offset: u64,
@@ -537,7 +663,7 @@ mod tests {
         let raw = sys::kvm_user_access {
             seq: 7,
             offset: 0x24,
-            data: 0xab,
+            data: [0xab, 0xcd, 0, 0, 0x99, 0, 0, 0],
             range: 1,
             vcpu: 3,
             len: 4,
@@ -545,10 +671,71 @@ mod tests {
         };
         let a = Access::from(&raw);
         assert_eq!(
-            (a.seq, a.offset, a.data, a.range, a.vcpu, a.len),
-            (7, 0x24, 0xab, 1, 3, 4)
+            (a.seq, a.offset, a.range, a.vcpu, a.len),
+            (7, 0x24, 1, 3, 4)
         );
         assert_eq!(a.op, Op::Store);
+        // Bytes beyond `len` are not part of the value.
+        assert_eq!(a.value(), 0xcdab);
+    }
+
+    #[test]
+    fn data_is_little_endian_in_access_order() {
+        assert_eq!(
+            data::from_u64(0x1122_3344, 4),
+            [0x44, 0x33, 0x22, 0x11, 0, 0, 0, 0]
+        );
+        assert_eq!(data::from_u64(!0, 3), [0xff, 0xff, 0xff, 0, 0, 0, 0, 0]);
+        assert_eq!(data::from_u64(!0, 8), [0xff; 8]);
+        assert_eq!(
+            data::to_u64(&[1, 2, 3, 4, 5, 6, 7, 8], 8),
+            0x0807_0605_0403_0201
+        );
+        assert_eq!(data::to_u64(&[1, 2, 3, 4, 5, 6, 7, 8], 6), 0x0605_0403_0201);
+        assert_eq!(data::to_u64(&[0xff; 8], 1), 0xff);
+        // A length the kernel never sends is clamped, not a panic.
+        assert_eq!(data::to_u64(&[0xff; 8], 200), u64::MAX);
+        assert_eq!(data::from_u64(5, 0), [0; 8]);
+        for len in 1..=8 {
+            let v = 0x8877_6655_4433_2211u64;
+            let mask = if len == 8 {
+                !0
+            } else {
+                (1u64 << (8 * len)) - 1
+            };
+            assert_eq!(data::to_u64(&data::from_u64(v, len), len), v & mask);
+        }
+    }
+
+    #[test]
+    fn replies_as_the_kernel_reads_them() {
+        let r = Reply::with_value(9, 2, 0xbeef);
+        assert_eq!(r.seq, 9);
+        assert_eq!(r.data, [0xef, 0xbe, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r.value(2), 0xbeef);
+        assert_eq!(r.flags, 0);
+        assert_eq!(Reply::new(9, r.data), r);
+    }
+
+    #[test]
+    fn seq_gaps_count_dropped_accesses() {
+        let mut g = SeqGaps::default();
+        // The first record says nothing about what came before it.
+        assert_eq!(g.note(100), 0);
+        assert_eq!(g.note(101), 0);
+        assert_eq!(g.note(105), 3);
+        assert_eq!(g.note(106), 0);
+        assert_eq!(g.note(108), 1);
+        assert_eq!((g.missed(), g.gaps()), (4, 2));
+        // Going backwards is not a gap.
+        assert_eq!(g.note(50), 0);
+        assert_eq!(g.note(51), 0);
+        assert_eq!(g.missed(), 4);
+        // Wrapping around is not one either.
+        let mut g = SeqGaps::default();
+        g.note(u64::MAX);
+        assert_eq!(g.note(0), 0);
+        assert_eq!(g.note(2), 1);
     }
 
     // The shadow's bounds and alignment checks, on an anonymous mapping.

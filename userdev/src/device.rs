@@ -1,4 +1,5 @@
-//! The VMM's side: the KVM device fd.
+//! The VMM's side: the KVM device fd, which creates the backend fd an
+//! emulator serves.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -23,23 +24,60 @@ pub struct Range {
     pub bus: Bus,
     pub addr: u64,
     pub len: u64,
+    /// Stores to the range are not posted: the storing vCPU waits until the
+    /// backend has consumed the store (`KVM_USER_RANGE_NONPOSTED`; needs
+    /// [`Features::NONPOSTED`]).
+    pub nonposted: bool,
 }
 
 impl Range {
+    /// A range of MMIO space, stores posted.
     pub fn mmio(addr: u64, len: u64) -> Self {
         Range {
             bus: Bus::Mmio,
             addr,
             len,
+            nonposted: false,
         }
     }
 
+    /// A range of port I/O space, stores posted.
     pub fn pio(port: u16, len: u64) -> Self {
         Range {
             bus: Bus::Pio,
             addr: port.into(),
             len,
+            nonposted: false,
         }
+    }
+
+    /// The same range with stores that wait until they are consumed.
+    pub fn nonposted(self) -> Self {
+        Range {
+            nonposted: true,
+            ..self
+        }
+    }
+}
+
+/// Optional behaviour the kernel's device has (`KVM_DEV_USER_INFO_FEATURES`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Features(u64);
+
+impl Features {
+    /// Ranges may be non-posted ([`Range::nonposted`]).
+    pub const NONPOSTED: Features = Features(sys::KVM_USER_F_NONPOSTED);
+
+    pub fn from_bits(bits: u64) -> Self {
+        Features(bits)
+    }
+
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+
+    pub fn contains(self, other: Features) -> bool {
+        self.0 & other.0 == other.0
     }
 }
 
@@ -53,19 +91,22 @@ pub struct Stats {
     pub dropped_stores: u64,
     pub queue_full_waits: u64,
     pub detached_loads: u64,
+    /// Accesses failed at once because an earlier wait on this backend
+    /// timed out and the backend has shown no progress since.
+    pub stalled_accesses: u64,
 }
 
-/// A `KVM_DEV_TYPE_USER` device, held by the VMM that created it. KVM
-/// refuses device ioctls from other processes: the emulator gets a slave fd
-/// instead ([`Master::create_slave`]).
+/// A `KVM_DEV_TYPE_USER` device (its device fd), held by the VMM that
+/// created it. KVM refuses device ioctls from other processes: the emulator
+/// gets a backend fd instead ([`UserDevice::create_backend`]).
 #[derive(Debug)]
-pub struct Master {
+pub struct UserDevice {
     fd: DeviceFd,
 }
 
-const TIMEOUT_MAX: Duration = Duration::from_secs(10);
+const TIMEOUT_MAX: Duration = Duration::from_secs(1);
 
-impl Master {
+impl UserDevice {
     /// Whether `vm`'s kernel has the device type (`KVM_CREATE_DEVICE_TEST`).
     pub fn probe(vm: &VmFd) -> bool {
         let mut dev = kvm_create_device {
@@ -76,7 +117,7 @@ impl Master {
         vm.create_device(&mut dev).is_ok()
     }
 
-    /// Creates a device in `vm`, with no ranges and no slave.
+    /// Creates a device in `vm`, with no ranges and no backend.
     pub fn create(vm: &VmFd) -> Result<Self> {
         let mut dev = kvm_create_device {
             type_: sys::KVM_DEV_TYPE_USER,
@@ -90,21 +131,21 @@ impl Master {
                 source: e.into(),
             },
         })?;
-        Ok(Master { fd })
+        Ok(UserDevice { fd })
     }
 
     /// Adds range `id` at `range`, or moves it there if it exists. Safe while
     /// vCPUs run: accesses in flight to the old place finish first.
-    pub fn set_range(&self, id: u32, range: Range) -> Result<()> {
+    pub fn set_range(&self, id: u16, range: Range) -> Result<()> {
         self.write_range(id, range)
     }
 
     /// Removes range `id` (a no-op if it is absent).
-    pub fn remove_range(&self, id: u32) -> Result<()> {
+    pub fn remove_range(&self, id: u16) -> Result<()> {
         self.write_range(id, Range::mmio(0, 0))
     }
 
-    fn write_range(&self, id: u32, range: Range) -> Result<()> {
+    fn write_range(&self, id: u16, range: Range) -> Result<()> {
         if id >= sys::KVM_USER_MAX_RANGES {
             return Err(Error::RangeId(id));
         }
@@ -113,7 +154,11 @@ impl Master {
                 Bus::Mmio => sys::KVM_USER_BUS_MMIO,
                 Bus::Pio => sys::KVM_USER_BUS_PIO,
             },
-            flags: 0,
+            flags: if range.nonposted {
+                sys::KVM_USER_RANGE_NONPOSTED
+            } else {
+                0
+            },
             addr: range.addr,
             len: range.len,
         };
@@ -137,7 +182,7 @@ impl Master {
     }
 
     /// Where range `id` is, `None` if absent.
-    pub fn range(&self, id: u32) -> Result<Option<Range>> {
+    pub fn range(&self, id: u16) -> Result<Option<Range>> {
         if id >= sys::KVM_USER_MAX_RANGES {
             return Err(Error::RangeId(id));
         }
@@ -160,11 +205,13 @@ impl Master {
             bus,
             addr: raw.addr,
             len: raw.len,
+            nonposted: raw.flags & sys::KVM_USER_RANGE_NONPOSTED != 0,
         }))
     }
 
-    /// How long a vCPU may wait for queue space or a load's reply (1 µs to
-    /// 10 s; the kernel's default is 1 s). Microsecond granularity.
+    /// How long a vCPU may wait for queue space or a load's reply, and
+    /// [`UserDevice::drain`] for the backend (1 µs to 1 s; the kernel's
+    /// default is 100 ms). Microsecond granularity.
     pub fn set_timeout(&self, timeout: Duration) -> Result<()> {
         let us = timeout.as_micros();
         if us == 0 || timeout > TIMEOUT_MAX {
@@ -203,27 +250,96 @@ impl Master {
             dropped_stores: stat(sys::KVM_DEV_USER_STAT_DROPPED_STORES)?,
             queue_full_waits: stat(sys::KVM_DEV_USER_STAT_QUEUE_FULL_WAITS)?,
             detached_loads: stat(sys::KVM_DEV_USER_STAT_DETACHED_LOADS)?,
+            stalled_accesses: stat(sys::KVM_DEV_USER_STAT_STALLED_ACCESSES)?,
         })
     }
 
-    /// Creates the slave fd to hand to an emulator (close-on-exec; pass it
-    /// with `SCM_RIGHTS`). One slave at a time: [`Error::SlaveAttached`]
-    /// until the previous one is released, i.e. its emulator has exited and
-    /// no copy of the fd or mapping of it is left.
-    pub fn create_slave(&self, nonblocking: bool) -> Result<OwnedFd> {
+    /// Optional behaviour this kernel's device has.
+    pub fn features(&self) -> Result<Features> {
+        self.info(
+            sys::KVM_DEV_USER_INFO_FEATURES,
+            "KVM_GET_DEVICE_ATTR(KVM_DEV_USER_INFO_FEATURES)",
+        )
+        .map(Features)
+    }
+
+    /// Records the backend's ring holds.
+    pub fn ring_entries(&self) -> Result<u64> {
+        self.info(
+            sys::KVM_DEV_USER_INFO_RING_ENTRIES,
+            "KVM_GET_DEVICE_ATTR(KVM_DEV_USER_INFO_RING_ENTRIES)",
+        )
+    }
+
+    /// Bytes of the backend's ring mapping (header and records, page
+    /// aligned).
+    pub fn ring_mmap_size(&self) -> Result<u64> {
+        self.info(
+            sys::KVM_DEV_USER_INFO_RING_MMAP_SIZE,
+            "KVM_GET_DEVICE_ATTR(KVM_DEV_USER_INFO_RING_MMAP_SIZE)",
+        )
+    }
+
+    /// The largest shadow image a backend may create.
+    pub fn max_shadow_size(&self) -> Result<u64> {
+        self.info(
+            sys::KVM_DEV_USER_INFO_MAX_SHADOW_SIZE,
+            "KVM_GET_DEVICE_ATTR(KVM_DEV_USER_INFO_MAX_SHADOW_SIZE)",
+        )
+    }
+
+    fn info(&self, attr: u64, op: &'static str) -> Result<u64> {
+        let mut v = 0u64;
+        self.get_attr(sys::KVM_DEV_USER_GRP_INFO, attr, &mut v, op)?;
+        Ok(v)
+    }
+
+    /// Waits until the backend has consumed every access queued before the
+    /// call, bounded by the device's timeout: what a VMM calls before it
+    /// acts on something that must not pass the guest's posted stores (a
+    /// PCI configuration write, say). [`Error::DrainTimeout`] if the
+    /// backend was too slow, [`Error::DrainStalled`] at once if it is
+    /// stalled, [`Error::DrainBackendReleased`] if it went
+    /// away meanwhile (its accesses were dropped and counted); with no
+    /// backend, nothing is queued and this returns at once.
+    pub fn drain(&self) -> Result<()> {
+        // SAFETY: the ioctl takes no argument (0) and touches no memory of
+        // ours.
+        let ret = unsafe { ioctl_with_val(&self.fd, sys::KVM_USER_DRAIN(), 0) };
+        if ret < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ETIMEDOUT) => Error::DrainTimeout,
+                Some(libc::ENODEV) => Error::DrainBackendReleased,
+                Some(libc::EAGAIN) => Error::DrainStalled,
+                _ => Error::Os {
+                    op: "KVM_USER_DRAIN",
+                    source: e,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates the backend fd to hand to an emulator (close-on-exec; pass
+    /// it with `SCM_RIGHTS`), which takes it with [`crate::Backend::new`].
+    /// One backend at a time: [`Error::BackendAttached`] until the previous
+    /// one is released, i.e. its emulator has exited and no copy of the fd
+    /// or mapping of it is left.
+    pub fn create_backend(&self, nonblocking: bool) -> Result<OwnedFd> {
         let mut flags = libc::O_CLOEXEC;
         if nonblocking {
             flags |= libc::O_NONBLOCK;
         }
         // SAFETY: the ioctl takes its flags by value and returns a new fd
         // or -1; it touches no memory of ours.
-        let ret = unsafe { ioctl_with_val(&self.fd, sys::KVM_USER_CREATE_SLAVE(), flags as _) };
+        let ret = unsafe { ioctl_with_val(&self.fd, sys::KVM_USER_CREATE_BACKEND(), flags as _) };
         if ret < 0 {
             let e = std::io::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::EBUSY) => Error::SlaveAttached,
+                Some(libc::EBUSY) => Error::BackendAttached,
                 _ => Error::Os {
-                    op: "KVM_USER_CREATE_SLAVE",
+                    op: "KVM_USER_CREATE_BACKEND",
                     source: e,
                 },
             });
@@ -240,7 +356,8 @@ impl Master {
             addr: out as *mut T as u64,
         };
         // SAFETY: `addr` points to `out`, a live `T`, and every attribute of
-        // these groups writes exactly the `T` its caller passes.
+        // these groups writes exactly the `T` its caller passes (a range
+        // record, or a u64).
         unsafe { self.fd.get_device_attr(&mut raw) }.map_err(|e| Error::Os {
             op,
             source: e.into(),
@@ -248,8 +365,30 @@ impl Master {
     }
 }
 
-impl AsRawFd for Master {
+impl AsRawFd for UserDevice {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_posted_unless_asked() {
+        let r = Range::mmio(0xe000_0000, 0x1000);
+        assert!(!r.nonposted);
+        assert!(r.nonposted().nonposted);
+        assert_eq!(r.nonposted().addr, 0xe000_0000);
+        assert!(!Range::pio(0x3f8, 8).nonposted);
+    }
+
+    #[test]
+    fn features() {
+        let f = Features::from_bits(sys::KVM_USER_F_NONPOSTED | 1 << 5);
+        assert!(f.contains(Features::NONPOSTED));
+        assert!(!Features::default().contains(Features::NONPOSTED));
+        assert_eq!(f.bits(), 0x21);
     }
 }

@@ -10,32 +10,44 @@ pub enum Error {
     #[error("this kernel has no KVM_DEV_TYPE_USER device")]
     Unsupported(#[source] io::Error),
     #[error("range id {0} is out of bounds (ids go up to {max})", max = crate::MAX_RANGES - 1)]
-    RangeId(u32),
+    RangeId(u16),
     #[error("range {id} ({bus:?} {addr:#x}+{len:#x}) overlaps another device on that bus")]
     RangeOverlap {
-        id: u32,
+        id: u16,
         bus: Bus,
         addr: u64,
         len: u64,
     },
-    #[error("range {id} ({bus:?} {addr:#x}+{len:#x}) is refused: too long, wrapping, or PIO above 0xffff")]
+    #[error("range {id} ({bus:?} {addr:#x}+{len:#x}) is refused: too long, wrapping, PIO above 0xffff, or a flag this kernel lacks")]
     RangeInvalid {
-        id: u32,
+        id: u16,
         bus: Bus,
         addr: u64,
         len: u64,
     },
-    #[error("timeout {0:?} is out of range (1 µs to 10 s)")]
+    #[error("timeout {0:?} is out of range (1 µs to 1 s)")]
     Timeout(Duration),
-    #[error("the device already has a slave attached; it can be replaced once released")]
-    SlaveAttached,
+    #[error("KVM_USER_CREATE_BACKEND: the device has a backend already; a new one can be created once it is released")]
+    BackendAttached,
+    #[error(
+        "KVM_USER_DRAIN: the backend did not consume the queued accesses within the device timeout"
+    )]
+    DrainTimeout,
+    #[error(
+        "KVM_USER_DRAIN: the backend was released meanwhile; its queued accesses were dropped"
+    )]
+    DrainBackendReleased,
+    #[error(
+        "KVM_USER_DRAIN: the backend is stalled (an access timed out, no progress since): not waited for"
+    )]
+    DrainStalled,
     #[error("the device is gone (its VM was destroyed)")]
     DeviceGone,
     #[error(
-        "shadow image of {0:#x} bytes refused: a non-zero multiple of the page size up to 16 MiB"
+        "KVM_USER_SET_SHADOW_SIZE: {0:#x} bytes refused: a non-zero multiple of the page size up to the device's maximum (16 MiB today)"
     )]
     ShadowSize(u64),
-    #[error("the shadow image exists already (one per slave)")]
+    #[error("KVM_USER_SET_SHADOW_SIZE: the shadow image exists already (one per backend)")]
     ShadowExists,
     #[error("shadow access of {len} bytes at {offset:#x} is outside the {size:#x}-byte image or misaligned")]
     ShadowBounds {
@@ -45,7 +57,9 @@ pub enum Error {
     },
     #[error("access map of {0} entries: at most {max}", max = crate::sys::KVM_USER_MAX_MAP_ENTRIES)]
     MapTooLarge(usize),
-    #[error("access map refused: an entry names a bad range, size, span or shadow offset")]
+    #[error(
+        "KVM_USER_SET_ACCESS_MAP: refused: an entry names a bad range, size, span or shadow offset"
+    )]
     MapInvalid,
     #[error("{op}: {source}")]
     Os {

@@ -4,7 +4,7 @@
 //! Normally BAR0 is a user device and the emulator takes the accesses from
 //! its ring. For comparison, the transport can instead be a socket: BAR0
 //! accesses then exit to the VMM, whose vCPU thread forwards them
-//! ([`UserDevice::forward`]), the classic out-of-process path.
+//! ([`EmulatedDevice::forward`]), the classic out-of-process path.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use emulator::handoff::{self, Control, MemRegion, Setup, Transport};
 use emulator::wire;
-use userdev::{Access, Master, Op, Range, Stats};
+use userdev::{Access, Op, Range, Stats, UserDevice};
 
 use crate::spawn::{self, Child, ExitStatus};
 
@@ -30,16 +30,17 @@ pub struct EmulatorSpec {
     pub model: String,
     pub shadow: bool,
     pub forward: Vec<u64>,
-    /// Start a new emulator (through a new slave) when one ends.
+    /// Start a new emulator (through a new backend fd) when one ends.
     pub restart: bool,
-    /// How long a vCPU waits for the emulator (the kernel's default: 1 s).
+    /// How long a vCPU waits for the emulator, at most 1 s (the kernel's
+    /// default: 100 ms).
     pub access_timeout: Option<Duration>,
     pub transport: Transport,
 }
 
 /// How long a forwarded load waits for its reply by default, as the
 /// kernel's user device does.
-const DEFAULT_ACCESS_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_ACCESS_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -73,10 +74,13 @@ struct Supervised {
     msi_enabled: bool,
 }
 
-pub struct UserDevice {
+/// A PCI device whose BAR0 an emulator process serves: through a user
+/// device (its device fd here, the backend fd in the emulator) or, for
+/// comparison, over a socket.
+pub struct EmulatedDevice {
     pub name: String,
     /// The user device (none with the socket transport).
-    pub master: Option<Master>,
+    pub user_device: Option<UserDevice>,
     spec: EmulatorSpec,
     memory_file: std::fs::File,
     memory: Vec<MemRegion>,
@@ -91,13 +95,13 @@ pub struct UserDevice {
     timeouts: AtomicU64,
 }
 
-const RANGE_BAR0: u32 = emulator::serve::BAR0_RANGE;
+const RANGE_BAR0: u16 = emulator::serve::BAR0_RANGE;
 
 fn eventfd() -> Result<EventFd, DeviceError> {
     EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(io("eventfd"))
 }
 
-impl UserDevice {
+impl EmulatedDevice {
     /// Creates the user device and its interrupt plumbing: INTx on
     /// `intx_gsi` with a resample fd, MSI on `msi_gsi`.
     pub fn new(
@@ -109,13 +113,13 @@ impl UserDevice {
         intx_gsi: u32,
         msi_gsi: u32,
     ) -> Result<Arc<Self>, DeviceError> {
-        let master = match spec.transport {
+        let user_device = match spec.transport {
             Transport::Ring => {
-                let master = Master::create(vm)?;
+                let device = UserDevice::create(vm)?;
                 if let Some(t) = spec.access_timeout {
-                    master.set_timeout(t)?;
+                    device.set_timeout(t)?;
                 }
-                Some(master)
+                Some(device)
             }
             Transport::Socket => None,
         };
@@ -127,9 +131,9 @@ impl UserDevice {
                 .try_clone_to_owned()
                 .map_err(io("dup memory fd"))?,
         );
-        Ok(Arc::new(UserDevice {
+        Ok(Arc::new(EmulatedDevice {
             name,
-            master,
+            user_device,
             spec,
             memory_file,
             memory,
@@ -154,14 +158,33 @@ impl UserDevice {
     /// removes it.
     pub fn set_bar0(&self, addr: Option<u64>, size: u64) -> Result<(), DeviceError> {
         // Without a user device, BAR0 accesses simply exit to the VMM.
-        let Some(master) = &self.master else {
+        let Some(device) = &self.user_device else {
             return Ok(());
         };
         match addr {
-            Some(a) => master.set_range(RANGE_BAR0, Range::mmio(a, size))?,
-            None => master.remove_range(RANGE_BAR0)?,
+            Some(a) => device.set_range(RANGE_BAR0, Range::mmio(a, size))?,
+            None => device.remove_range(RANGE_BAR0)?,
         }
         Ok(())
+    }
+
+    /// Waits until the emulator has consumed the guest's accesses queued so
+    /// far: called before the VMM applies a configuration write to the
+    /// device, which must not pass the guest's posted stores (PCI ordering:
+    /// a non-posted request does not pass posted writes). Bounded by the
+    /// device's timeout. A slow or vanished emulator is only logged: the
+    /// supervisor reports an emulator's end, and the guest keeps running.
+    /// The socket transport has nothing to drain: there the vCPU thread
+    /// itself hands the emulator each access, in order.
+    pub fn drain(&self) {
+        let Some(device) = &self.user_device else {
+            return;
+        };
+        // A timeout or a released backend (its accesses were dropped and
+        // counted) leaves nothing to wait for; any other failure neither.
+        if let Err(e) = device.drain() {
+            eprintln!("vmm: {}: before a configuration write: {e}", self.name);
+        }
     }
 
     /// Socket transport: hands a BAR0 access that exited to the VMM to the
@@ -177,7 +200,7 @@ impl UserDevice {
             offset,
             len,
             op,
-            data,
+            data: userdev::data::from_u64(data, len),
             vcpu: 0,
         };
         if socket.send(&wire::encode_access(&access)).is_err() {
@@ -202,7 +225,7 @@ impl UserDevice {
                 }
             };
             match reply {
-                Some(r) if r.seq == seq => return r.data,
+                Some(r) if r.seq == seq => return r.value(len),
                 // A late reply to a load that timed out: drop it.
                 Some(r) if r.seq < seq => {}
                 // End of file (the emulator is gone), or garbage.
@@ -232,8 +255,8 @@ impl UserDevice {
 
     /// The user device's counters (none with the socket transport).
     pub fn stats(&self) -> Option<Result<Stats, DeviceError>> {
-        let master = self.master.as_ref()?;
-        Some(master.stats().map_err(DeviceError::from))
+        let device = self.user_device.as_ref()?;
+        Some(device.stats().map_err(DeviceError::from))
     }
 
     /// How the emulators of this device ended so far.
@@ -255,10 +278,10 @@ impl UserDevice {
     }
 
     fn start_locked(&self, st: &mut Supervised) -> Result<(), DeviceError> {
-        // What the emulator takes accesses from: a new slave, or its end of
-        // a new access socket.
-        let (accesses, vmm_end): (std::os::fd::OwnedFd, _) = match &self.master {
-            Some(master) => (self.create_slave(master)?, None),
+        // What the emulator takes accesses from: a new backend fd, or its
+        // end of a new access socket.
+        let (accesses, vmm_end): (std::os::fd::OwnedFd, _) = match &self.user_device {
+            Some(device) => (self.create_backend(device)?, None),
             None => {
                 let (vmm_end, theirs) = handoff::socketpair().map_err(io("socketpair"))?;
                 let timeout = self.spec.access_timeout.unwrap_or(DEFAULT_ACCESS_TIMEOUT);
@@ -304,15 +327,15 @@ impl UserDevice {
         Ok(())
     }
 
-    /// A new slave, once the previous one is released: the kernel releases
-    /// it when the last reference (the dead emulator's descriptor and
-    /// mappings) goes, which is done by the time the process is reaped;
+    /// A new backend fd, once the previous one is released: the kernel
+    /// releases it when the last reference (the dead emulator's descriptor
+    /// and mappings) goes, which is done by the time the process is reaped;
     /// retry briefly all the same.
-    fn create_slave(&self, master: &Master) -> Result<std::os::fd::OwnedFd, DeviceError> {
+    fn create_backend(&self, device: &UserDevice) -> Result<std::os::fd::OwnedFd, DeviceError> {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            match master.create_slave(true) {
-                Err(userdev::Error::SlaveAttached) if Instant::now() < deadline => {
+            match device.create_backend(true) {
+                Err(userdev::Error::BackendAttached) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 r => return Ok(r?),

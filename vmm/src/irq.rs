@@ -4,12 +4,19 @@
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 
 use crate::pci::MsiMessage;
+
+/// KVM's irqchip ids (kvm.h) for the two cascaded 8259 PICs: the first
+/// takes IRQs 0-7, the second, behind the first's pin 2, IRQs 8-15. The
+/// IOAPIC follows them as irqchip 2.
+const PIC_FIRST: u32 = 0;
+const PIC_SECOND: u32 = 1;
+const _: () = assert!(KVM_IRQCHIP_IOAPIC == PIC_SECOND + 1);
 
 /// IOAPIC inputs.
 pub const IOAPIC_PINS: u32 = 24;
@@ -50,9 +57,9 @@ pub fn table(msis: &[(u32, MsiMessage)]) -> Vec<kvm_irq_routing_entry> {
     let mut entries = Vec::new();
     for gsi in 0..IOAPIC_PINS {
         if gsi < 8 {
-            entries.push(irqchip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            entries.push(irqchip(gsi, PIC_FIRST, gsi));
         } else if gsi < 16 {
-            entries.push(irqchip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            entries.push(irqchip(gsi, PIC_SECOND, gsi - 8));
         }
         entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
     }

@@ -14,7 +14,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use userdev::Op;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use crate::device::{DeviceError, EmulatorSpec, UserDevice};
+use crate::device::{DeviceError, EmulatedDevice, EmulatorSpec};
 use crate::inprocess::InProcessDevice;
 use crate::memory::Ram;
 use crate::pci::{self, Function};
@@ -76,16 +76,16 @@ pub enum MachineError {
 }
 
 /// What serves a device.
-pub enum Backend {
+pub enum Server {
     /// An emulator process, through a user device or a socket.
-    Emulator(Arc<UserDevice>),
+    Emulator(Arc<EmulatedDevice>),
     InProcess(InProcessDevice),
 }
 
 /// A device and where it sits on the bus.
 pub struct Slot {
     pub name: String,
-    pub backend: Backend,
+    pub server: Server,
     pub pci_device: u8,
     bar0: Option<u64>,
     bar0_size: u64,
@@ -107,7 +107,7 @@ impl Machine {
     pub fn new(config: &Config) -> Result<Self, MachineError> {
         let kvm = Kvm::new()?;
         let vm = kvm.create_vm()?;
-        if config.serve == Serve::User && !userdev::Master::probe(&vm) {
+        if config.serve == Serve::User && !userdev::UserDevice::probe(&vm) {
             return Err(MachineError::NoUserDevice);
         }
         vm.create_irq_chip()?;
@@ -137,9 +137,9 @@ impl Machine {
                 .expect("fewer devices than slots");
             let name = format!("{} at 00:{pci_device:02x}.0", spec.model);
             let device_error = |source| MachineError::Device { index, source };
-            let backend = match config.serve {
+            let server = match config.serve {
                 Serve::User | Serve::Socket => {
-                    let dev = UserDevice::new(
+                    let dev = EmulatedDevice::new(
                         &vm,
                         name.clone(),
                         spec.clone(),
@@ -150,19 +150,19 @@ impl Machine {
                     )
                     .map_err(device_error)?;
                     dev.start().map_err(device_error)?;
-                    Backend::Emulator(dev)
+                    Server::Emulator(dev)
                 }
                 Serve::InProcess => {
                     let model = emulator::model::by_name(&spec.model).expect("known model");
                     let dev =
                         InProcessDevice::new(&vm, model, ram.memory.clone(), intx_gsi, msi_gsi)
                             .map_err(|e| device_error(e.into()))?;
-                    Backend::InProcess(dev)
+                    Server::InProcess(dev)
                 }
             };
             slots.push(Slot {
                 name,
-                backend,
+                server,
                 pci_device,
                 bar0: None,
                 bar0_size: identity.bar0_size,
@@ -213,6 +213,9 @@ impl Machine {
                     }
                     pci::CONFIG_ADDRESS..=0xcff => {
                         let data = data.to_vec();
+                        if let Some(dev) = self.bus.write_target(port, data.len()) {
+                            self.drain(dev);
+                        }
                         if let Some(dev) = self.bus.io_write(port, &data) {
                             self.config_changed(dev);
                         }
@@ -264,14 +267,28 @@ impl Machine {
     fn control(&self, value: u32) {
         let (command, index) = (value >> 8, (value & 0xff) as usize);
         let slot = self.slots.get(index);
-        match (command, slot.map(|s| &s.backend)) {
-            (CONTROL_KILL, Some(Backend::Emulator(dev))) => {
+        match (command, slot.map(|s| &s.server)) {
+            (CONTROL_KILL, Some(Server::Emulator(dev))) => {
                 eprintln!("vmm: guest asks to kill the emulator of {}", dev.name);
                 if let Err(e) = dev.kill_emulator() {
                     eprintln!("vmm: {}: {e}", dev.name);
                 }
             }
             _ => eprintln!("vmm: unknown control request {value:#x}"),
+        }
+    }
+
+    /// The guest is about to write device `dev`'s configuration space:
+    /// first let its emulator consume the guest's earlier stores to it, so
+    /// that the write (decoding turned off, BAR0 moved) does not pass them.
+    fn drain(&self, dev: u8) {
+        let slot = self.slots.iter().find(|s| s.pci_device == dev);
+        if let Some(Slot {
+            server: Server::Emulator(d),
+            ..
+        }) = slot
+        {
+            d.drain();
         }
     }
 
@@ -285,9 +302,9 @@ impl Machine {
         let (bar0, size, msi) = (function.bar0(), function.bar0_size(), function.msi());
         let slot = &mut self.slots[i];
         if bar0 != slot.bar0 {
-            let placed = match &slot.backend {
-                Backend::Emulator(dev) => dev.set_bar0(bar0, size),
-                Backend::InProcess(_) => Ok(()),
+            let placed = match &slot.server {
+                Server::Emulator(dev) => dev.set_bar0(bar0, size),
+                Server::InProcess(_) => Ok(()),
             };
             match placed {
                 Ok(()) => slot.bar0 = bar0,
@@ -306,9 +323,9 @@ impl Machine {
                 eprintln!("vmm: GSI routing: {e}");
             }
             if was_enabled != msi.is_some() {
-                match &mut self.slots[i].backend {
-                    Backend::Emulator(dev) => dev.set_msi_enabled(msi.is_some()),
-                    Backend::InProcess(dev) => dev.set_msi_enabled(msi.is_some()),
+                match &mut self.slots[i].server {
+                    Server::Emulator(dev) => dev.set_msi_enabled(msi.is_some()),
+                    Server::InProcess(dev) => dev.set_msi_enabled(msi.is_some()),
                 }
             }
         }
@@ -318,23 +335,24 @@ impl Machine {
 /// An MMIO access that exited to the VMM: a store if `store` holds its
 /// data, else a load, whose value is returned. BAR0 of a device served by
 /// exits goes to its model or emulator; anything else decodes nowhere (an
-/// old BAR address, say) and reads all-ones, as a master abort does.
+/// old BAR address, say) and reads all-ones, as an access that no PCI
+/// device claims does.
 fn mmio(slots: &mut [Slot], vm: &VmFd, addr: u64, len: usize, store: Option<u64>) -> u64 {
     let hit = slots.iter_mut().find_map(|s| {
         let base = s.bar0?;
         (base..base + s.bar0_size)
             .contains(&addr)
-            .then(|| (addr - base, &mut s.backend))
+            .then(|| (addr - base, &mut s.server))
     });
     let len = len as u8;
     match (hit, store) {
-        (Some((offset, Backend::InProcess(dev))), None) => dev.load(vm, offset, len),
-        (Some((offset, Backend::InProcess(dev))), Some(data)) => {
+        (Some((offset, Server::InProcess(dev))), None) => dev.load(vm, offset, len),
+        (Some((offset, Server::InProcess(dev))), Some(data)) => {
             dev.store(vm, offset, len, data);
             0
         }
-        (Some((offset, Backend::Emulator(dev))), None) => dev.forward(Op::Load, offset, len, 0),
-        (Some((offset, Backend::Emulator(dev))), Some(data)) => {
+        (Some((offset, Server::Emulator(dev))), None) => dev.forward(Op::Load, offset, len, 0),
+        (Some((offset, Server::Emulator(dev))), Some(data)) => {
             dev.forward(Op::Store, offset, len, data)
         }
         (None, _) => !0,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use emulator::handoff::Transport;
 use vmm::device::EmulatorSpec;
-use vmm::machine::{Backend, Config, Machine, Serve};
+use vmm::machine::{Config, Machine, Serve, Server};
 
 #[derive(Parser, Debug)]
 #[command(about = "A minimal KVM VMM whose PCI devices are served by sandboxed emulator processes")]
@@ -29,7 +29,7 @@ struct Args {
     /// How many edu devices, each with its own emulator.
     #[arg(long, default_value_t = 1)]
     edu: usize,
-    /// Start a new emulator through a new slave when one ends.
+    /// Start a new emulator through a new backend fd when one ends.
     #[arg(long)]
     restart: bool,
     /// The emulator program (default: kvm-userdev-emulator beside this one).
@@ -45,8 +45,9 @@ struct Args {
     #[arg(long, value_parser = parse_offset)]
     forward: Vec<u64>,
     /// How long a vCPU may wait for an emulator's reply or for ring space,
-    /// in milliseconds (1 to 10000; the kernel's default is 1000).
-    #[arg(long)]
+    /// and the VMM for the emulator before a configuration write, in
+    /// milliseconds (1 to 1000; the kernel's default is 100).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     access_timeout_ms: Option<u64>,
     /// Who serves BAR0: `user` (a user device and a sandboxed emulator),
     /// `in-process` (the model in the VMM, on MMIO exits), `socket` (MMIO
@@ -141,17 +142,18 @@ fn main() -> ExitCode {
 /// What served the device's accesses, on stderr.
 fn print_stats(slot: &vmm::machine::Slot) {
     let name = &slot.name;
-    match &slot.backend {
-        Backend::Emulator(d) => match d.stats() {
+    match &slot.server {
+        Server::Emulator(d) => match d.stats() {
             Some(Ok(s)) => eprintln!(
-                "vmm: stats {name}: posted_stores={} shadow_loads={} forwarded_loads={} timeouts={} dropped_stores={} queue_full_waits={} detached_loads={}",
+                "vmm: stats {name}: posted_stores={} shadow_loads={} forwarded_loads={} timeouts={} dropped_stores={} queue_full_waits={} detached_loads={} stalled_accesses={}",
                 s.posted_stores,
                 s.shadow_loads,
                 s.forwarded_loads,
                 s.timeouts,
                 s.dropped_stores,
                 s.queue_full_waits,
-                s.detached_loads
+                s.detached_loads,
+                s.stalled_accesses
             ),
             Some(Err(e)) => eprintln!("vmm: stats {name}: {e}"),
             None => eprintln!(
@@ -159,7 +161,7 @@ fn print_stats(slot: &vmm::machine::Slot) {
                 d.forward_timeouts()
             ),
         },
-        Backend::InProcess(d) => {
+        Server::InProcess(d) => {
             eprintln!("vmm: stats {name}: in-process irq_errors={}", d.irq_errors())
         }
     }

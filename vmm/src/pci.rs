@@ -106,7 +106,7 @@ impl Function {
         c.set(0x2c, &id.subsystem_vendor.to_le_bytes());
         c.set(0x2e, &id.subsystem.to_le_bytes());
         c.set(INTERRUPT_LINE, &[irq_line, 1]); // INTA
-        c.allow(COMMAND, &0x0407u16.to_le_bytes()); // I/O, memory, bus master, INTx disable
+        c.allow(COMMAND, &0x0407u16.to_le_bytes()); // I/O, memory, DMA, INTx disable
         let bar_mask = !(id.bar0_size as u32 - 1) & !0xf;
         c.allow(BAR0, &bar_mask.to_le_bytes());
         c.allow(INTERRUPT_LINE, &[0xff]);
@@ -210,6 +210,16 @@ impl Bus {
         }
     }
 
+    /// The device whose configuration space a write of `len` bytes to
+    /// `port` would change, before it is made ([`Bus::io_write`] says the
+    /// same after the write).
+    pub fn write_target(&self, port: u16, len: usize) -> Option<u8> {
+        match port {
+            CONFIG_DATA..=0xcff => self.target(port, len).map(|(dev, _, _)| dev),
+            _ => None,
+        }
+    }
+
     /// A port write in 0xcf8..=0xcff; returns the device whose configuration
     /// changed, for the caller to act on (BAR moves, MSI).
     pub fn io_write(&mut self, port: u16, data: &[u8]) -> Option<u8> {
@@ -304,6 +314,25 @@ mod tests {
         // Read-only identity.
         cfg_write(&mut bus, dev, 0x00, 0);
         assert_eq!(cfg_read(&mut bus, dev, 0), 0x11e8_1234);
+    }
+
+    #[test]
+    fn write_target_is_known_before_the_write() {
+        let mut bus = Bus::new();
+        bus.add(Function::host_bridge());
+        let dev = bus.add(edu()).unwrap();
+        assert_eq!(bus.write_target(CONFIG_DATA, 4), None, "nothing selected");
+        bus.io_write(
+            CONFIG_ADDRESS,
+            &(0x8000_0000 | u32::from(dev) << 11 | 0x04).to_le_bytes(),
+        );
+        assert_eq!(bus.write_target(CONFIG_ADDRESS, 4), None);
+        assert_eq!(bus.write_target(CONFIG_DATA, 2), Some(dev));
+        assert_eq!(bus.write_target(CONFIG_DATA + 2, 1), Some(dev));
+        assert_eq!(bus.io_write(CONFIG_DATA, &[6, 0]), Some(dev));
+        // An absent device.
+        bus.io_write(CONFIG_ADDRESS, &(0x8000_0000u32 | 5 << 11).to_le_bytes());
+        assert_eq!(bus.write_target(CONFIG_DATA, 4), None);
     }
 
     #[test]

@@ -341,7 +341,7 @@ fn move_bar(t: &mut Tap, edu: &mut Edu) {
         edu::IDENTIFICATION,
         edu.read(edu::IDENTIFICATION_REG),
     );
-    // Nothing decodes the old address: a PCI master abort reads all-ones,
+    // Nothing decodes the old address: an unclaimed PCI read is all-ones,
     // QEMU's unassigned memory reads 0.
     let stale = edu::registers_at(old);
     let value = stale.read32(edu::IDENTIFICATION_REG);

@@ -1,6 +1,7 @@
 //! mode=kill, kill-restart and dead: a device whose emulator process is
-//! gone. Its loads must complete with all-ones (a PCI master abort) and its
-//! stores must not hang. Only our VMM can kill an emulator.
+//! gone. Its loads must complete with all-ones (what PCI returns when no
+//! device claims a read) and its stores must not hang. Only our VMM can
+//! kill an emulator.
 
 use kvm_userdev_guest::cpu::{Deadline, delay_ms, rdtsc, tsc_khz};
 use kvm_userdev_guest::platform::{self, CONTROL_KILL_EMULATOR};

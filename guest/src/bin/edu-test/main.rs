@@ -123,7 +123,7 @@ fn main(cmdline: &'static str) -> ! {
 }
 
 /// Sizes BAR0 of edu device `index`, places it in its slot, and enables
-/// memory decoding and bus mastering.
+/// memory decoding and DMA.
 fn set_up(t: &mut Tap, index: usize, function: pci::Function) -> Option<Edu> {
     let probe = function.probe_bar(0);
     let size_ok = t.eq(
@@ -141,7 +141,7 @@ fn set_up(t: &mut Tap, index: usize, function: pci::Function) -> Option<Edu> {
     }
     let address = edu::bar_slot(index);
     function.set_memory_bar(0, address);
-    function.set_command(pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER);
+    function.set_command(pci::COMMAND_MEMORY | pci::COMMAND_DMA);
     t.eq(
         format_args!("edu{index}: BAR0 at {address:#x}"),
         address,

@@ -128,7 +128,7 @@ impl Device {
             return None;
         }
         function.set_memory_bar(0, BAR_ADDRESS);
-        function.set_command(pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER);
+        function.set_command(pci::COMMAND_MEMORY | pci::COMMAND_DMA);
         // SAFETY: BAR0 of this device, just placed in the MMIO hole; the
         // accesses below start no DMA.
         let regs = unsafe { Mmio::new(BAR_ADDRESS as usize, probe.size as usize) };
