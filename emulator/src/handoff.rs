@@ -10,6 +10,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -237,6 +238,35 @@ pub fn send_setup(
     sock.send_with_fds(&[text.as_bytes()], &raw)
         .map_err(io::Error::from)?;
     Ok(())
+}
+
+/// What the emulator sends on the handoff socket once it serves the device:
+/// sandboxed, its shadow image and access map in place.
+pub const READY: &[u8] = b"ready";
+
+/// Tells the VMM that the device is served ([`READY`]).
+pub fn send_ready(sock: &UnixDatagram) -> io::Result<()> {
+    sock.send(READY).map(drop)
+}
+
+/// Waits up to `timeout` for the emulator's [`READY`]. An error if it
+/// closed its end first (it died) or sent something else.
+pub fn wait_ready(sock: &UnixDatagram, timeout: Duration) -> io::Result<()> {
+    let mut buf = [0u8; 16];
+    sock.set_read_timeout(Some(timeout))?;
+    let len = sock.recv(&mut buf);
+    sock.set_read_timeout(None)?;
+    match len? {
+        0 => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the emulator closed its end",
+        )),
+        n if &buf[..n] == READY => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the emulator sent something else",
+        )),
+    }
 }
 
 /// Receives the setup (blocking) and takes ownership of its descriptors.

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
 
-use emulator::handoff::{recv_setup, Transport};
+use emulator::handoff::{recv_setup, send_ready, Transport};
 use emulator::model;
 use emulator::sandbox;
 use emulator::serve::{
@@ -146,6 +146,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             model.publish_all(&mut platform);
             backend.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
         }
+        send_ready(&control)?;
         Ok(serve(
             &mut poll,
             accesses,

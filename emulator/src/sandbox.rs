@@ -286,6 +286,8 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     }
     // Control messages from the VMM, forwarded accesses (recv(2) is recvfrom on x86-64).
     rules.insert(libc::SYS_recvfrom, on_fds(&receivers));
+    // Readiness to the VMM, once (send(2) is sendto).
+    rules.insert(libc::SYS_sendto, on_fds(&[fds.control]));
     // The allocator: never executable memory.
     rules.insert(
         libc::SYS_mmap,

@@ -41,6 +41,8 @@ pub struct EmulatorSpec {
 /// How long a forwarded load waits for its reply by default, as the
 /// kernel's user device does.
 const DEFAULT_ACCESS_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long a starting emulator may take to serve its device.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -268,6 +270,14 @@ impl EmulatedDevice {
     pub fn start(self: &Arc<Self>) -> Result<(), DeviceError> {
         let mut st = self.state.lock().expect("device lock");
         self.start_locked(&mut st)?;
+        // The guest must not reach the device before the emulator serves
+        // it: its first accesses would wait, time out and stall the
+        // backend. An emulator that dies first is the supervisor's business.
+        if let Some(control) = &st.control {
+            if let Err(e) = handoff::wait_ready(control, READY_TIMEOUT) {
+                eprintln!("vmm: {}: the emulator did not report ready: {e}", self.name);
+            }
+        }
         drop(st);
         let dev = self.clone();
         std::thread::Builder::new()
