@@ -114,9 +114,10 @@ enum Cmd {
         /// The PRNG seed (default: the program picks one and prints it).
         #[arg(long)]
         seed: Option<u64>,
-        /// Multi-threaded TCG, where the test bed's fault was seen.
+        /// Single-threaded TCG, where the test bed's fault was not seen
+        /// (but wakeups across the VM's CPUs are slow).
         #[arg(long)]
-        multi_threaded_tcg: bool,
+        single_threaded_tcg: bool,
     },
     /// Run every KVM selftest of the built kernel in the VM, one line each
     /// (pass, fail, skip, timeout): for comparing kernels.
@@ -204,15 +205,15 @@ fn run() -> Result<i32> {
             duration,
             control,
             seed,
-            multi_threaded_tcg,
+            single_threaded_tcg,
         } => stress::soak(&stress::SoakOptions {
             duration: Duration::from_secs(duration),
             control: Duration::from_secs(control),
             seed,
-            tcg: if multi_threaded_tcg {
-                vm::Tcg::Multi
-            } else {
+            tcg: if single_threaded_tcg {
                 vm::Tcg::Single
+            } else {
+                vm::Tcg::Multi
             },
         }),
         Cmd::KvmSelftests { debug, per_test } => {

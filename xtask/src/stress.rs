@@ -24,8 +24,11 @@ pub const TESTBED_FAULT: i32 = 10;
 /// What the program prints, with the registers, for such a fault.
 pub const TESTBED_MARK: &str = "testbed-fault";
 
-/// Tracepoints kept in a bounded ring buffer while the program runs.
-const EVENTS: &str = "kvm:kvm_exit kvm:kvm_entry kvm:kvm_mmio kvm:kvm_pio kvm:kvm_user_*";
+/// Tracepoints kept in a bounded ring buffer while the program runs
+/// (set_event takes no partial globs).
+const EVENTS: &str = "kvm:kvm_exit kvm:kvm_entry kvm:kvm_mmio kvm:kvm_pio \
+    kvm:kvm_user_enqueue kvm:kvm_user_forward kvm:kvm_user_shadow_hit \
+    kvm:kvm_user_reply kvm:kvm_user_fail";
 
 /// A shell script that runs the stress program with `args`, tracing KVM
 /// into a bounded buffer, repeats it once after a test-bed fault, and
