@@ -30,26 +30,41 @@ const EVENTS: &str = "kvm:kvm_exit kvm:kvm_entry kvm:kvm_mmio kvm:kvm_pio \
     kvm:kvm_user_enqueue kvm:kvm_user_forward kvm:kvm_user_shadow_hit \
     kvm:kvm_user_reply kvm:kvm_user_fail";
 
-/// A shell script that runs the stress program with `args`, tracing KVM
-/// into a bounded buffer, repeats it once after a test-bed fault, and
-/// copies the trace of a run that did not pass to
-/// `$KVM_USERDEV_SCRATCH/<label>-*.trace`. Exits with the last run's status.
-pub fn script(program: &str, args: &[String], label: &str) -> String {
+/// How long past its own duration the program may run before the script
+/// keeps its threads' kernel stacks and kills it. The program's watchdog
+/// ends a shutdown that stalls for 30 s; this catches a watchdog that is
+/// stuck itself.
+const OVERRUN: Duration = Duration::from_secs(120);
+
+/// A shell script that runs the stress program with `args` for `duration`,
+/// tracing KVM into a bounded buffer, repeats it once after a test-bed
+/// fault, and copies the trace of a run that did not pass to
+/// `$KVM_USERDEV_SCRATCH/<label>-*.trace`. A run that outlives `duration`
+/// by [`OVERRUN`] has its threads' state printed and is killed. Exits with
+/// the last run's status.
+pub fn script(program: &str, args: &[String], duration: Duration, label: &str) -> String {
     let mut cmd = shell_quote(program);
     for arg in args {
         cmd.push(' ');
         cmd.push_str(&shell_quote(arg));
     }
+    let limit = (duration + OVERRUN).as_secs();
     format!(
         "t=/sys/kernel/tracing\n\
          echo 4096 > $t/buffer_size_kb\n\
          echo '{EVENTS}' > $t/set_event\n\
          keep() {{ cp $t/trace \"$KVM_USERDEV_SCRATCH/{label}-$1.trace\"; \
          echo \"== KVM trace kept: $KVM_USERDEV_SCRATCH/{label}-$1.trace\"; }}\n\
-         echo > $t/trace; {cmd}; st=$?\n\
+         guarded() {{ {cmd} & p=$!; \
+         ( i=0; while kill -0 $p 2>/dev/null; do sleep 1; i=$((i+1)); \
+         if [ $i = {limit} ]; then echo \"== still running after {limit} s: its threads\"; \
+         for d in /proc/$p/task/*; do echo \"-- $d $(cat $d/comm) $(cat $d/wchan)\"; \
+         grep State $d/status; cat $d/stack; done; keep overran; kill -KILL $p; fi; \
+         done ) & w=$!; wait $p; st=$?; wait $w; }}\n\
+         echo > $t/trace; guarded\n\
          if [ $st = {TESTBED_FAULT} ]; then keep testbed-fault; \
          echo '== test-bed fault: repeating the run once'; \
-         echo > $t/trace; {cmd}; st=$?; fi\n\
+         echo > $t/trace; guarded; fi\n\
          [ $st = 0 ] || keep status-$st\n\
          echo > $t/set_event\n\
          exit $st\n"
@@ -94,8 +109,8 @@ pub fn soak(opts: &SoakOptions) -> Result<i32> {
          echo '== user device'\n( {} ); d=$?\n\
          echo \"== control arm: status $c; user device: status $d\"\n\
          [ $c = 0 ] && [ $d = 0 ]\n",
-        script(&program, &control, "soak-control"),
-        script(&program, &device, "soak-device"),
+        script(&program, &control, opts.control, "soak-control"),
+        script(&program, &device, opts.duration, "soak-device"),
     );
     let mut vm_opts = VmOptions::new(Flavour::Debug);
     vm_opts.tcg = opts.tcg;
@@ -114,9 +129,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn script_repeats_a_testbed_fault_once_and_keeps_traces() {
-        let s = script("/k/user_dev_stress", &["-d".into(), "60".into()], "stress");
-        assert_eq!(s.matches("user_dev_stress").count(), 2);
+    fn script_repeats_a_testbed_fault_once_guards_and_keeps_traces() {
+        let d = Duration::from_secs(60);
+        let args = ["-d".into(), "60".into()];
+        let s = script("/k/user_dev_stress", &args, d, "stress");
+        assert_eq!(s.matches("user_dev_stress").count(), 1);
+        assert_eq!(s.matches("; guarded").count(), 2);
+        assert!(s.contains("if [ $i = 180 ]"));
         assert!(s.contains("if [ $st = 10 ]"));
         assert!(s.contains("stress-$1.trace"));
         assert!(s.ends_with("exit $st\n"));

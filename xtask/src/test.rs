@@ -363,6 +363,7 @@ pub fn run() -> Result<i32> {
             suite.script = Some(stress::script(
                 &stress.to_string_lossy(),
                 &["-d".into(), STRESS_SECONDS.to_string()],
+                Duration::from_secs(STRESS_SECONDS),
                 "stress",
             ));
             suites.push(suite);
