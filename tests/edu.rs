@@ -6,22 +6,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use kvm_userdev_bench::results::ACCESSES;
 use kvm_userdev_bench::variants::{DOORBELL, POLL_NS_PARAMETER};
+use userdev::{stats, Stats};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The device counters the VMM prints at exit, per device.
-#[derive(Debug, Default)]
-struct Stats {
-    posted_stores: u64,
-    shadow_loads: u64,
-    forwarded_loads: u64,
-    timeouts: u64,
-    dropped_stores: u64,
-    detached_loads: u64,
-    stalled_accesses: u64,
 }
 
 struct Run {
@@ -31,29 +21,13 @@ struct Run {
 }
 
 impl Run {
+    /// The user devices' counters, as the VMM printed them at exit.
     fn stats(&self) -> Vec<Stats> {
-        self.stderr
-            .lines()
-            .filter(|l| l.starts_with("vmm: stats "))
-            .map(|l| {
-                let mut s = Stats::default();
-                for kv in l.split_whitespace() {
-                    let Some((k, v)) = kv.split_once('=') else {
-                        continue;
-                    };
-                    let v = v.parse().unwrap_or(u64::MAX);
-                    match k {
-                        "posted_stores" => s.posted_stores = v,
-                        "shadow_loads" => s.shadow_loads = v,
-                        "forwarded_loads" => s.forwarded_loads = v,
-                        "timeouts" => s.timeouts = v,
-                        "dropped_stores" => s.dropped_stores = v,
-                        "detached_loads" => s.detached_loads = v,
-                        "stalled_accesses" => s.stalled_accesses = v,
-                        _ => {}
-                    }
-                }
-                s
+        stats::lines(&self.stderr)
+            .map(|(device, counters)| {
+                counters
+                    .parse()
+                    .unwrap_or_else(|e| panic!("stats of {device}: {e}: {counters}"))
             })
             .collect()
     }
@@ -200,15 +174,8 @@ fn bench_payload_paths() {
         "mmio-bench did not finish cleanly (status {:?})",
         run.status
     );
-    for access in [
-        "cpuid",
-        "ioeventfd-store",
-        "store",
-        "load",
-        "sync-load",
-        "store-load",
-        "irq",
-    ] {
+    // Every access type the report expects.
+    for access in ACCESSES {
         assert!(
             run.stdout
                 .contains(&format!("bench: samples {access} {SAMPLES} ")),

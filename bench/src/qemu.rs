@@ -75,6 +75,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -524,24 +525,10 @@ impl Drop for ScratchDir {
     }
 }
 
-/// A UNIX stream socketpair, both ends close-on-exec.
+/// A UNIX stream socketpair, both ends close-on-exec (as std makes them).
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error()).context("socketpair for multi-process QEMU");
-    }
-    // SAFETY: socketpair just created these and nothing else owns them.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((above_stdio(a)?, above_stdio(b)?))
+    let (a, b) = UnixStream::pair().context("socketpair for multi-process QEMU")?;
+    Ok((above_stdio(a.into())?, above_stdio(b.into())?))
 }
 
 /// `fd`, moved to a number above 2 if it is not: the child's stdin, stdout

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::qemu::{self, tail};
+use userdev::stats;
 
 /// Where our VMM puts its ioeventfd doorbell (the guest's doorbell window).
 pub const DOORBELL: u64 = 0xd000_0000;
@@ -200,14 +201,9 @@ fn run_vmm(programs: &Programs, args: &[&str], cmdline: &str) -> Result<RunOutpu
 
 /// The `name=value` words of the VMM's `vmm: stats ...` lines.
 fn counters(stderr: &str) -> Vec<(String, u64)> {
-    stderr
-        .lines()
-        .filter(|l| l.starts_with("vmm: stats "))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|w| {
-            let (k, v) = w.split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
+    stats::lines(stderr)
+        .flat_map(|(_, counters)| stats::pairs(counters))
+        .map(|(name, value)| (name.to_string(), value))
         .collect()
 }
 

@@ -9,7 +9,7 @@ use kvm_ioctls::{DeviceFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_val;
 
 use crate::sys;
-use crate::{Error, Result};
+use crate::{Error, Result, Stats};
 
 /// The bus a range lives on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,21 +79,6 @@ impl Features {
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0
     }
-}
-
-/// The device's counters (`KVM_DEV_USER_GRP_STATS`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub posted_stores: u64,
-    pub shadow_loads: u64,
-    pub forwarded_loads: u64,
-    pub timeouts: u64,
-    pub dropped_stores: u64,
-    pub queue_full_waits: u64,
-    pub detached_loads: u64,
-    /// Accesses failed at once because an earlier wait on this backend
-    /// timed out and the backend has shown no progress since.
-    pub stalled_accesses: u64,
 }
 
 /// A `KVM_DEV_TYPE_USER` device (its device fd), held by the VMM that

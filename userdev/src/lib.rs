@@ -45,13 +45,15 @@
 mod backend;
 mod device;
 mod error;
+pub mod stats;
 pub mod sys;
 
 pub use backend::{
     data, Access, Backend, MapEntry, Op, Reply, SeqGaps, Shadow, ShadowValue, Sizes,
 };
-pub use device::{Bus, Features, Range, Stats, UserDevice};
+pub use device::{Bus, Features, Range, UserDevice};
 pub use error::{Error, Result};
+pub use stats::Stats;
 
 /// Ranges per device (ids `0..MAX_RANGES`).
 pub const MAX_RANGES: u16 = sys::KVM_USER_MAX_RANGES;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use emulator::handoff::Transport;
+use userdev::stats;
 use vmm::device::EmulatorSpec;
 use vmm::machine::{Config, Machine, Serve, Server};
 
@@ -144,25 +145,16 @@ fn print_stats(slot: &vmm::machine::Slot) {
     let name = &slot.name;
     match &slot.server {
         Server::Emulator(d) => match d.stats() {
-            Some(Ok(s)) => eprintln!(
-                "vmm: stats {name}: posted_stores={} shadow_loads={} forwarded_loads={} timeouts={} dropped_stores={} queue_full_waits={} detached_loads={} stalled_accesses={}",
-                s.posted_stores,
-                s.shadow_loads,
-                s.forwarded_loads,
-                s.timeouts,
-                s.dropped_stores,
-                s.queue_full_waits,
-                s.detached_loads,
-                s.stalled_accesses
-            ),
-            Some(Err(e)) => eprintln!("vmm: stats {name}: {e}"),
+            Some(Ok(s)) => eprintln!("{}", stats::line(name, &s)),
+            Some(Err(e)) => eprintln!("{}", stats::line(name, &e)),
             None => eprintln!(
-                "vmm: stats {name}: socket timeouts={}",
-                d.forward_timeouts()
+                "{}",
+                stats::line(name, &format!("socket timeouts={}", d.forward_timeouts()))
             ),
         },
-        Server::InProcess(d) => {
-            eprintln!("vmm: stats {name}: in-process irq_errors={}", d.irq_errors())
-        }
+        Server::InProcess(d) => eprintln!(
+            "{}",
+            stats::line(name, &format!("in-process irq_errors={}", d.irq_errors()))
+        ),
     }
 }
