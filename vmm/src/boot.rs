@@ -75,15 +75,8 @@ pub fn load(memory: &GuestMemoryMmap, payload: &Path, cmdline: &str) -> Result<u
         cmdline_paddr: CMDLINE,
         ..Default::default()
     };
-    // SAFETY: hvm_start_info is plain old data without padding holes that
-    // matter: viewing it as bytes is sound.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&info as *const hvm_start_info).cast::<u8>(),
-            std::mem::size_of::<hvm_start_info>(),
-        )
-    };
-    memory.write_slice(bytes, GuestAddress(START_INFO))?;
+    // linux-loader declares hvm_start_info ByteValued.
+    memory.write_obj(info, GuestAddress(START_INFO))?;
     Ok(entry.0)
 }
 

@@ -56,11 +56,20 @@ pub enum DeviceError {
     },
     #[error("handoff: {0}")]
     Handoff(#[from] handoff::HandoffError),
-    #[error("KVM: {0}")]
-    Kvm(#[from] kvm_ioctls::Error),
+    #[error("{op}: {source}")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
-fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
+/// Names the KVM call that failed.
+pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceError {
+    move |source| DeviceError::Kvm { op, source }
+}
+
+pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
     move |source| DeviceError::Io { op, source }
 }
 
@@ -126,8 +135,10 @@ impl EmulatedDevice {
             Transport::Socket => None,
         };
         let (intx, resample, msi) = (eventfd()?, eventfd()?, eventfd()?);
-        vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)?;
-        vm.register_irqfd(&msi, msi_gsi)?;
+        vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)
+            .map_err(kvm_err("KVM_IRQFD (resample)"))?;
+        vm.register_irqfd(&msi, msi_gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
         let memory_file = std::fs::File::from(
             memory_file
                 .try_clone_to_owned()

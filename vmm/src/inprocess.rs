@@ -8,6 +8,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use emulator::model::{DeviceModel, Env};
 
+use crate::device::{io, kvm_err, DeviceError};
+
 pub struct InProcessDevice {
     model: Box<dyn DeviceModel>,
     world: World,
@@ -38,9 +40,10 @@ impl InProcessDevice {
         memory: GuestMemoryMmap,
         intx_gsi: u32,
         msi_gsi: u32,
-    ) -> Result<Self, kvm_ioctls::Error> {
-        let msi = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(kvm_ioctls::Error::from)?;
-        vm.register_irqfd(&msi, msi_gsi)?;
+    ) -> Result<Self, DeviceError> {
+        let msi = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(io("eventfd"))?;
+        vm.register_irqfd(&msi, msi_gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
         Ok(InProcessDevice {
             model,
             world: World {

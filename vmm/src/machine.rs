@@ -57,8 +57,18 @@ pub enum Serve {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    #[error("KVM: {0}")]
-    Kvm(#[from] kvm_ioctls::Error),
+    #[error("{op}: {source}")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest memory: {0}")]
     Memory(#[source] std::io::Error),
     #[error(transparent)]
@@ -69,10 +79,17 @@ pub enum MachineError {
         #[source]
         source: DeviceError,
     },
+    #[error("device {index}: no device model called {model:?}")]
+    UnknownModel { index: usize, model: String },
     #[error("this kernel has no KVM_DEV_TYPE_USER (boot the patched kernel: cargo xtask vm)")]
     NoUserDevice,
     #[error("the guest {0}")]
     Guest(String),
+}
+
+/// Names the KVM call that failed.
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Kvm { op, source }
 }
 
 /// What serves a device.
@@ -94,100 +111,54 @@ pub struct Slot {
 }
 
 pub struct Machine {
-    _kvm: Kvm,
-    vm: VmFd,
-    _ram: Ram,
+    // Fields drop in declaration order: the vCPU, the devices and the VM go
+    // before the memory their memslots and emulators point into.
     vcpu: VcpuFd,
     bus: pci::Bus,
     pub slots: Vec<Slot>,
     _doorbell: Option<EventFd>,
+    vm: VmFd,
+    _kvm: Kvm,
+    _ram: Ram,
 }
 
 impl Machine {
     pub fn new(config: &Config) -> Result<Self, MachineError> {
-        let kvm = Kvm::new()?;
-        let vm = kvm.create_vm()?;
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         if config.serve == Serve::User && !userdev::UserDevice::probe(&vm) {
             return Err(MachineError::NoUserDevice);
         }
-        vm.create_irq_chip()?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let ram = Ram::new(&vm, config.ram_mib << 20).map_err(MachineError::Memory)?;
         let entry = boot::load(&ram.memory, &config.payload, &config.cmdline)?;
-        let vcpu = vm.create_vcpu(0)?;
-        vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         boot::setup_vcpu(&vcpu, entry)?;
 
         let mut bus = pci::Bus::new();
         bus.add(Function::host_bridge());
         let mut slots = Vec::new();
         for (index, spec) in config.devices.iter().enumerate() {
-            let identity = emulator::model::by_name(&spec.model)
-                .ok_or_else(|| MachineError::Device {
-                    index,
-                    source: DeviceError::Io {
-                        op: "device model",
-                        source: std::io::Error::other(format!("unknown model {:?}", spec.model)),
-                    },
-                })?
-                .identity();
-            let intx_gsi = irq::INTX_BASE + index as u32;
-            let msi_gsi = irq::MSI_BASE + index as u32;
-            let pci_device = bus
-                .add(Function::endpoint(&identity, intx_gsi as u8))
-                .expect("fewer devices than slots");
-            let name = format!("{} at 00:{pci_device:02x}.0", spec.model);
-            let device_error = |source| MachineError::Device { index, source };
-            let server = match config.serve {
-                Serve::User | Serve::Socket => {
-                    let dev = EmulatedDevice::new(
-                        &vm,
-                        name.clone(),
-                        spec.clone(),
-                        ram.file(),
-                        ram.layout(),
-                        intx_gsi,
-                        msi_gsi,
-                    )
-                    .map_err(device_error)?;
-                    dev.start().map_err(device_error)?;
-                    Server::Emulator(dev)
-                }
-                Serve::InProcess => {
-                    let model = emulator::model::by_name(&spec.model).expect("known model");
-                    let dev =
-                        InProcessDevice::new(&vm, model, ram.memory.clone(), intx_gsi, msi_gsi)
-                            .map_err(|e| device_error(e.into()))?;
-                    Server::InProcess(dev)
-                }
-            };
-            slots.push(Slot {
-                name,
-                server,
-                pci_device,
-                bar0: None,
-                bar0_size: identity.bar0_size,
-                msi: None,
-                msi_gsi,
-            });
+            slots.push(add_device(&vm, &ram, &mut bus, config.serve, index, spec)?);
         }
         let doorbell = match config.doorbell {
-            Some(addr) => {
-                let fd =
-                    EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(kvm_ioctls::Error::from)?;
-                vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), NoDatamatch)?;
-                Some(fd)
-            }
+            Some(addr) => Some(doorbell(&vm, addr)?),
             None => None,
         };
-        irq::set_routing(&vm, &[])?;
+        irq::set_routing(&vm, &[]).map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
         Ok(Machine {
-            _kvm: kvm,
-            vm,
-            _ram: ram,
             vcpu,
             bus,
             slots,
             _doorbell: doorbell,
+            vm,
+            _kvm: kvm,
+            _ram: ram,
         })
     }
 
@@ -195,7 +166,7 @@ impl Machine {
     pub fn run(&mut self) -> Result<u32, MachineError> {
         let mut out = std::io::stdout().lock();
         loop {
-            match self.vcpu.run()? {
+            match self.vcpu.run().map_err(kvm_err("KVM_RUN"))? {
                 VcpuExit::IoOut(port, data) => match port {
                     DEBUGCON_PORT => {
                         let _ = out.write_all(data);
@@ -357,4 +328,69 @@ fn mmio(slots: &mut [Slot], vm: &VmFd, addr: u64, len: usize, store: Option<u64>
         }
         (None, _) => !0,
     }
+}
+
+/// Device `index` of the configuration, on the bus, with what serves it.
+fn add_device(
+    vm: &VmFd,
+    ram: &Ram,
+    bus: &mut pci::Bus,
+    serve: Serve,
+    index: usize,
+    spec: &EmulatorSpec,
+) -> Result<Slot, MachineError> {
+    let model =
+        emulator::model::by_name(&spec.model).ok_or_else(|| MachineError::UnknownModel {
+            index,
+            model: spec.model.clone(),
+        })?;
+    let identity = model.identity();
+    let intx_gsi = irq::INTX_BASE + index as u32;
+    let msi_gsi = irq::MSI_BASE + index as u32;
+    let pci_device = bus
+        .add(Function::endpoint(&identity, intx_gsi as u8))
+        .expect("fewer devices than slots");
+    let name = format!("{} at 00:{pci_device:02x}.0", spec.model);
+    let device_error = |source| MachineError::Device { index, source };
+    let server = match serve {
+        Serve::User | Serve::Socket => {
+            let dev = EmulatedDevice::new(
+                vm,
+                name.clone(),
+                spec.clone(),
+                ram.file(),
+                ram.layout(),
+                intx_gsi,
+                msi_gsi,
+            )
+            .map_err(device_error)?;
+            dev.start().map_err(device_error)?;
+            Server::Emulator(dev)
+        }
+        Serve::InProcess => {
+            let dev = InProcessDevice::new(vm, model, ram.memory.clone(), intx_gsi, msi_gsi)
+                .map_err(device_error)?;
+            Server::InProcess(dev)
+        }
+    };
+    Ok(Slot {
+        name,
+        server,
+        pci_device,
+        bar0: None,
+        bar0_size: identity.bar0_size,
+        msi: None,
+        msi_gsi,
+    })
+}
+
+/// An ioeventfd that absorbs stores to `addr`.
+fn doorbell(vm: &VmFd, addr: u64) -> Result<EventFd, MachineError> {
+    let fd = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(|source| MachineError::Io {
+        op: "eventfd",
+        source,
+    })?;
+    vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    Ok(fd)
 }
