@@ -3,6 +3,7 @@
 mod bench;
 mod binaries;
 mod deps;
+mod edu;
 mod kernel;
 mod logscan;
 mod selftests;
@@ -159,29 +160,7 @@ fn run() -> Result<i32> {
             debug,
             devices,
             vmm_args,
-        } => {
-            let flavour = kernel::Flavour::new(debug);
-            kernel::build(flavour)?;
-            let bins = binaries::build(false)?;
-            let mut cmd = vec![
-                bins.vmm.to_string_lossy().into_owned(),
-                "--payload".into(),
-                bins.guest_dir
-                    .join("edu-test")
-                    .to_string_lossy()
-                    .into_owned(),
-                "--edu".into(),
-                devices.to_string(),
-                "--cmdline".into(),
-                format!("mode=full devices={devices}"),
-                "--timeout".into(),
-                "600".into(),
-            ];
-            cmd.extend(vmm_args);
-            let run = vm::run(&vm::VmOptions::new(flavour), &cmd)?;
-            run.explain();
-            Ok(run.exit_code())
-        }
+        } => edu::run(kernel::Flavour::new(debug), devices, vmm_args),
         Cmd::Bench {
             rounds,
             samples,
