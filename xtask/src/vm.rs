@@ -2,9 +2,9 @@
 //! command in it.
 //!
 //! The VM is `qemu-system-x86_64 -accel tcg,thread=multi -cpu max`
-//! (`thread=single` for the correctness tests, see [`Tcg`]): TCG because
-//! the host's own /dev/kvm cannot boot Linux, `-cpu max` because it exposes
-//! AMD SVM, so the patched kernel's kvm_amd can run nested guests.
+//! (`thread=single` on request, see [`Tcg`]): TCG because the host's own
+//! /dev/kvm cannot boot Linux, `-cpu max` because it exposes AMD SVM, so
+//! the patched kernel's kvm_amd can run nested guests.
 //! The host's root file system is shared read-only over virtio-9p and a
 //! scratch directory read-write at the same path; `vm-init.sh` is PID 1.
 
@@ -33,12 +33,15 @@ pub struct VmOptions {
 /// How QEMU's TCG runs the VM's vCPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tcg {
-    /// One host thread per vCPU: the VM's CPUs run in parallel, which the
-    /// benchmark needs; its nested SVM occasionally corrupts an L2 vCPU's
-    /// state under stress (an L1 address saved as the guest's RIP).
+    /// One host thread per vCPU: the VM's CPUs run in parallel, which
+    /// every test and the benchmark use; its nested SVM occasionally
+    /// corrupts an L2 vCPU's state under stress (an L1 address saved as the
+    /// guest's RIP).
     Multi,
-    /// One host thread for all vCPUs: the fault was not seen, and stress
-    /// runs faster on two host cores; for the correctness tests.
+    /// One host thread for all vCPUs: that fault was not seen, but a wakeup
+    /// of a process on the other vCPU waits for TCG to switch CPUs, so
+    /// tests that hand work between processes crawl (`cargo xtask soak
+    /// --single-threaded-tcg`).
     Single,
 }
 
