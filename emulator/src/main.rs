@@ -12,14 +12,14 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
 
-use emulator::handoff::{recv_setup, send_ready, Transport};
+use emulator::handoff::{recv_setup, send_ready};
 use emulator::model;
 use emulator::sandbox;
 use emulator::serve::{
-    access_map, map_memory, poll_sources, serve, Accesses, Intx, Platform, Served, Spin,
+    access_map, map_memory, poll_sources, serve, AccessSource, Intx, Platform, Served, Spin,
     SHADOW_SIZE,
 };
-use userdev::Backend;
+use mio::Poll;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Args {
@@ -78,21 +78,8 @@ fn run() -> Result<(), Box<dyn Error>> {
 
     let mut model = model::by_name(&setup.model)
         .ok_or_else(|| format!("unknown device model {:?}", setup.model))?;
-    // One of the two, by transport.
-    let (backend, socket) = match setup.transport {
-        Transport::Ring => (Some(Backend::new(fds.accesses)?), None),
-        Transport::Socket => {
-            let socket = UnixDatagram::from(fds.accesses);
-            socket.set_nonblocking(true)?;
-            (None, Some(socket))
-        }
-    };
-    let accesses = match (&backend, &socket) {
-        (Some(backend), _) => Accesses::Ring(backend),
-        (None, Some(socket)) => Accesses::Socket(socket),
-        (None, None) => unreachable!("one transport"),
-    };
-    let shadow = match &backend {
+    let source = AccessSource::new(setup.transport, fds.accesses)?;
+    let shadow = match source.backend() {
         Some(backend) if setup.shadow => Some(backend.create_shadow(SHADOW_SIZE)?),
         _ => None,
     };
@@ -106,50 +93,25 @@ fn run() -> Result<(), Box<dyn Error>> {
         msi_enabled: setup.msi_enabled,
         irq_errors: 0,
     };
-    let mut poll = poll_sources(accesses, &control, &platform)?;
+    let mut poll = poll_sources(source.accesses(), &control, &platform)?;
     // Calibrated before the sandbox: the clock may need a system call.
-    let spin = match (&backend, args.poll_us) {
+    let spin = match (source.backend(), args.poll_us) {
         (Some(backend), us) if us > 0 => Some(Spin::calibrate(backend, us)),
         _ => None,
     };
-
-    let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
-    irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
-    let report = sandbox::enter(&sandbox::Fds {
-        accesses: match accesses {
-            Accesses::Ring(backend) => sandbox::Accesses::Backend(backend.as_raw_fd()),
-            Accesses::Socket(socket) => sandbox::Accesses::Socket(socket.as_raw_fd()),
-        },
-        control: control.as_raw_fd(),
-        epoll: poll.as_raw_fd(),
-        resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
-        irqfds,
-    })?;
-    emulator::log!(
-        "emulator[{}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
-        setup.model,
-        sandbox::NOBODY,
-        report.landlock,
-        report.syscalls
-    );
-    #[cfg(feature = "sandbox-probe")]
-    if let Some(what) = &args.probe {
-        emulator::log!("{}", sandbox::probe(what));
-    }
-    #[cfg(not(feature = "sandbox-probe"))]
-    let _ = &args.probe;
+    enter_sandbox(&setup.model, &source, &control, &poll, &platform, &args)?;
 
     // Only now is guest-controlled data read: the ring, guest memory.
     let mut served = Served::default();
     let result = (|| -> Result<_, Box<dyn Error>> {
-        if let (Some(backend), true) = (&backend, setup.shadow) {
+        if let (Some(backend), true) = (source.backend(), setup.shadow) {
             model.publish_all(&mut platform);
             backend.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
         }
         send_ready(&control)?;
         Ok(serve(
             &mut poll,
-            accesses,
+            source.accesses(),
             &control,
             &mut platform,
             model.as_mut(),
@@ -169,6 +131,39 @@ fn run() -> Result<(), Box<dyn Error>> {
             std::process::exit(1)
         }
     }
+}
+
+/// Locks this process down to the descriptors it serves with, and says so.
+fn enter_sandbox(
+    model: &str,
+    source: &AccessSource,
+    control: &UnixDatagram,
+    poll: &Poll,
+    platform: &Platform,
+    args: &Args,
+) -> Result<(), Box<dyn Error>> {
+    let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
+    irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
+    let report = sandbox::enter(&sandbox::Fds {
+        accesses: source.accesses().sandboxed(),
+        control: control.as_raw_fd(),
+        epoll: poll.as_raw_fd(),
+        resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
+        irqfds,
+    })?;
+    emulator::log!(
+        "emulator[{model}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
+        sandbox::NOBODY,
+        report.landlock,
+        report.syscalls
+    );
+    #[cfg(feature = "sandbox-probe")]
+    if let Some(what) = &args.probe {
+        emulator::log!("{}", sandbox::probe(what));
+    }
+    #[cfg(not(feature = "sandbox-probe"))]
+    let _ = &args.probe;
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -69,7 +69,7 @@ pub struct Fds {
 #[derive(Clone, Copy, Debug)]
 pub enum Accesses {
     /// The user device's backend fd: the ring, replies, ioctls.
-    Backend(RawFd),
+    Ring(RawFd),
     /// A socket from a VMM that forwards its exits (see [`crate::wire`]).
     Socket(RawFd),
 }
@@ -77,7 +77,7 @@ pub enum Accesses {
 impl Accesses {
     fn fd(self) -> RawFd {
         match self {
-            Accesses::Backend(fd) | Accesses::Socket(fd) => fd,
+            Accesses::Ring(fd) | Accesses::Socket(fd) => fd,
         }
     }
 }
@@ -258,7 +258,7 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut receivers = vec![fds.control];
     let mut rules = BTreeMap::new();
     match fds.accesses {
-        Accesses::Backend(backend) => {
+        Accesses::Ring(backend) => {
             // Replies to forwarded loads.
             writers.push(backend);
             // Waking vCPUs that wait for ring space; access-map updates.
@@ -352,7 +352,7 @@ mod tests {
     #[test]
     fn filter_compiles_and_pins_fds() {
         let fds = Fds {
-            accesses: Accesses::Backend(3),
+            accesses: Accesses::Ring(3),
             control: 4,
             epoll: 5,
             resample: Some(7),

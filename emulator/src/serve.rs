@@ -11,8 +11,9 @@ use mio::{Events, Interest, Poll, Token};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::handoff::Control;
+use crate::handoff::{Control, Transport};
 use crate::model::{DeviceModel, Env};
+use crate::sandbox;
 use crate::wire;
 use userdev::{Access, Backend, MapEntry, Op, Reply, SeqGaps, Shadow};
 
@@ -185,6 +186,52 @@ pub enum Accesses<'a> {
     Ring(&'a Backend),
     /// A VMM forwarding its exits ([`crate::wire`]); non-blocking.
     Socket(&'a UnixDatagram),
+}
+
+impl Accesses<'_> {
+    /// The same descriptor, as the sandbox's filter names it.
+    pub fn sandboxed(self) -> sandbox::Accesses {
+        match self {
+            Accesses::Ring(backend) => sandbox::Accesses::Ring(backend.as_raw_fd()),
+            Accesses::Socket(socket) => sandbox::Accesses::Socket(socket.as_raw_fd()),
+        }
+    }
+}
+
+/// What [`Accesses`] borrows: the backend fd or the access socket, by the
+/// transport the VMM chose.
+pub enum AccessSource {
+    Ring(Backend),
+    Socket(UnixDatagram),
+}
+
+impl AccessSource {
+    /// Takes over `fd`, which the VMM sent for `transport`.
+    pub fn new(transport: Transport, fd: OwnedFd) -> Result<Self, ServeError> {
+        Ok(match transport {
+            Transport::Ring => AccessSource::Ring(Backend::new(fd)?),
+            Transport::Socket => {
+                let socket = UnixDatagram::from(fd);
+                socket.set_nonblocking(true)?;
+                AccessSource::Socket(socket)
+            }
+        })
+    }
+
+    pub fn accesses(&self) -> Accesses<'_> {
+        match self {
+            AccessSource::Ring(backend) => Accesses::Ring(backend),
+            AccessSource::Socket(socket) => Accesses::Socket(socket),
+        }
+    }
+
+    /// The user device's backend fd, unless accesses come over a socket.
+    pub fn backend(&self) -> Option<&Backend> {
+        match self {
+            AccessSource::Ring(backend) => Some(backend),
+            AccessSource::Socket(_) => None,
+        }
+    }
 }
 
 impl AsRawFd for Accesses<'_> {
