@@ -19,6 +19,7 @@ use crate::inprocess::InProcessDevice;
 use crate::memory::Ram;
 use crate::pci::{self, Function};
 use crate::{boot, irq};
+use emulator::handoff::Transport;
 
 /// Console: bytes written to this port go to stdout (QEMU's debugcon).
 pub const DEBUGCON_PORT: u16 = 0xe9;
@@ -45,7 +46,7 @@ pub struct Config {
 }
 
 /// Who serves the devices' BAR0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Serve {
     /// A user device per device, served by a sandboxed emulator process.
     User,
@@ -53,6 +54,16 @@ pub enum Serve {
     InProcess,
     /// KVM_EXIT_MMIO forwarded to the emulator process over a socket.
     Socket,
+}
+
+impl Serve {
+    /// How an emulator gets the accesses (the in-process model needs none).
+    pub fn transport(self) -> Transport {
+        match self {
+            Serve::Socket => Transport::Socket,
+            Serve::User | Serve::InProcess => Transport::Ring,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use emulator::handoff::Transport;
+use clap::Parser;
 use userdev::stats;
 use vmm::device::EmulatorSpec;
 use vmm::machine::{Config, Machine, Serve, Server};
@@ -53,8 +52,8 @@ struct Args {
     /// Who serves BAR0: `user` (a user device and a sandboxed emulator),
     /// `in-process` (the model in the VMM, on MMIO exits), `socket` (MMIO
     /// exits forwarded to the sandboxed emulator over a UNIX socket).
-    #[arg(long, value_enum, default_value_t = ServeArg::User)]
-    serve: ServeArg,
+    #[arg(long, value_enum, default_value_t = Serve::User)]
+    serve: Serve,
     /// Put an ioeventfd at this MMIO address (a store there costs only the
     /// exit into KVM).
     #[arg(long, value_parser = parse_offset)]
@@ -62,13 +61,6 @@ struct Args {
     /// Give up (exit 124) if the guest has not finished after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ServeArg {
-    User,
-    InProcess,
-    Socket,
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -91,22 +83,14 @@ fn main() -> ExitCode {
         forward: args.forward.clone(),
         restart: args.restart,
         access_timeout: args.access_timeout_ms.map(Duration::from_millis),
-        transport: match args.serve {
-            ServeArg::Socket => Transport::Socket,
-            _ => Transport::Ring,
-        },
-    };
-    let serve = match args.serve {
-        ServeArg::User => Serve::User,
-        ServeArg::InProcess => Serve::InProcess,
-        ServeArg::Socket => Serve::Socket,
+        transport: args.serve.transport(),
     };
     let config = Config {
         payload: args.payload.clone(),
         cmdline: args.cmdline.clone(),
         ram_mib: args.memory,
         devices: vec![spec; args.edu],
-        serve,
+        serve: args.serve,
         doorbell: args.doorbell,
         timeout: args.timeout.map(Duration::from_secs),
     };
