@@ -1,10 +1,14 @@
 //! The emulator's side: the backend fd, its ring, replies, the shadow image
 //! and the access map.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionError;
+use vm_memory::{AtomicAccess, Bytes, FileOffset, MmapRegion, VolatileMemory};
 
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 
@@ -176,56 +180,22 @@ impl SeqGaps {
     }
 }
 
-/// A shared mapping of part of the backend file, unmapped on drop. Never
-/// executable and always shared: the kernel refuses anything else.
-#[derive(Debug)]
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory; every access through it is an
-// atomic or volatile access of its own, so it may move between threads.
-unsafe impl Send for Mapping {}
-
-impl Mapping {
-    fn new(fd: BorrowedFd<'_>, len: usize, offset: u64, op: &'static str) -> Result<Self> {
-        // SAFETY: a fresh shared mapping chosen by the kernel; it aliases no
-        // Rust object, and `Mapping` owns it until drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::os(op));
-        }
-        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| Error::os(op))?;
-        Ok(Mapping { ptr, len })
-    }
-
-    /// The naturally aligned `T`-sized cell at `offset`, checked.
-    fn cell<T>(&self, offset: usize) -> Option<*mut T> {
-        let size = std::mem::size_of::<T>();
-        let in_bounds = offset.checked_add(size).is_some_and(|end| end <= self.len);
-        (in_bounds && offset.is_multiple_of(size)).then(|| {
-            // SAFETY: in bounds of the mapping, checked just above.
-            unsafe { self.ptr.as_ptr().add(offset).cast() }
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` is a mapping this object made and nothing
-        // borrows it beyond `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
+/// A shared mapping of part of the backend file, unmapped when dropped.
+/// Never executable and always shared: the kernel refuses anything else.
+fn map(file: &Arc<File>, len: usize, offset: u64, op: &'static str) -> Result<MmapRegion> {
+    MmapRegion::build(
+        Some(FileOffset::from_arc(Arc::clone(file), offset)),
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| Error::Os {
+        op,
+        source: match e {
+            MmapRegionError::Mmap(e) => e,
+            other => io::Error::other(other),
+        },
+    })
 }
 
 fn page_size() -> usize {
@@ -240,9 +210,10 @@ fn page_size() -> usize {
 /// record) or with [`Backend::read`]; not both from concurrent threads.
 #[derive(Debug)]
 pub struct Backend {
-    ring: Mapping,
+    ring: MmapRegion,
     entries: u32,
-    fd: OwnedFd,
+    /// The backend fd; the mappings hold it too.
+    file: Arc<File>,
 }
 
 /// The size of one ring record.
@@ -257,14 +228,13 @@ impl Backend {
     /// Takes over a backend fd (from [`crate::UserDevice::create_backend`],
     /// usually received over a UNIX socket) and maps its ring.
     pub fn new(fd: OwnedFd) -> Result<Self> {
+        let file = Arc::new(File::from(fd));
         // The ring's size is in its header: map that first.
-        let head = Mapping::new(fd.as_fd(), page_size(), 0, "mmap(backend ring header)")?;
-        let entries_ptr = head
-            .cell::<u32>(sys::RING_ENTRIES_OFFSET)
-            .expect("the header lies in the first page");
-        // SAFETY: an aligned u32 in the mapping, written once by the kernel
-        // before the fd existed.
-        let entries = unsafe { (*AtomicU32::from_ptr(entries_ptr)).load(Ordering::Relaxed) };
+        let head = map(&file, page_size(), 0, "mmap(backend ring header)")?;
+        let entries = head
+            .get_atomic_ref::<AtomicU32>(sys::RING_ENTRIES_OFFSET)
+            .expect("the header lies in the first page")
+            .load(Ordering::Relaxed);
         drop(head);
         if !entries.is_power_of_two() || entries > 1 << 16 {
             return Err(Error::Os {
@@ -274,15 +244,17 @@ impl Backend {
         }
         let len =
             (sys::RING_RECORDS_OFFSET + entries as usize * RECORD).next_multiple_of(page_size());
-        let ring = Mapping::new(fd.as_fd(), len, 0, "mmap(backend ring)")?;
-        Ok(Backend { ring, entries, fd })
+        let ring = map(&file, len, 0, "mmap(backend ring)")?;
+        Ok(Backend {
+            ring,
+            entries,
+            file,
+        })
     }
 
+    /// A ring header field, which we and the kernel only access atomically.
     fn ring_u32(&self, offset: usize) -> &AtomicU32 {
-        let p = self.ring.cell::<u32>(offset).expect("ring header field");
-        // SAFETY: aligned, in the mapping, and only ever accessed atomically
-        // (by us and by the kernel); lives as long as `self.ring`.
-        unsafe { AtomicU32::from_ptr(p) }
+        self.ring.get_atomic_ref(offset).expect("ring header field")
     }
 
     /// Records pending in the ring.
@@ -316,14 +288,13 @@ impl Backend {
         }
         for i in 0..n {
             let slot = (tail.wrapping_add(i) & (self.entries - 1)) as usize;
-            let p = self
+            // The kernel wrote the record before releasing `head` and leaves
+            // it alone until `tail` passes it.
+            let record = self
                 .ring
-                .cell::<sys::kvm_user_access>(sys::RING_RECORDS_OFFSET + slot * RECORD)
-                .expect("slot inside the ring");
-            // SAFETY: an aligned record inside the mapping; the kernel wrote
-            // it before releasing `head` and leaves it alone until `tail`
-            // passes it. Volatile: the memory is shared.
-            let record = unsafe { p.read_volatile() };
+                .get_ref::<sys::kvm_user_access>(sys::RING_RECORDS_OFFSET + slot * RECORD)
+                .expect("slot inside the ring")
+                .load();
             handle(&Access::from(&record));
         }
         self.move_tail(tail.wrapping_add(n))?;
@@ -346,7 +317,7 @@ impl Backend {
         if flags & sys::KVM_USER_RING_NEED_WAKE != 0 {
             // SAFETY: an ioctl whose argument is 0 on our own fd; it
             // touches no memory of ours.
-            let ret = unsafe { ioctl(&self.fd, sys::KVM_USER_WAKE()) };
+            let ret = unsafe { ioctl(&*self.file, sys::KVM_USER_WAKE()) };
             if ret < 0 {
                 return Err(self.gone_or("KVM_USER_WAKE"));
             }
@@ -373,8 +344,13 @@ impl Backend {
             return Ok(0);
         }
         // SAFETY: `raw` is valid for `want` records, which bounds the read.
-        let ret =
-            unsafe { libc::read(self.fd.as_raw_fd(), raw.as_mut_ptr().cast(), want * RECORD) };
+        let ret = unsafe {
+            libc::read(
+                self.file.as_raw_fd(),
+                raw.as_mut_ptr().cast(),
+                want * RECORD,
+            )
+        };
         if ret < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -407,7 +383,7 @@ impl Backend {
             // out as the kernel reads them (asserted above).
             let ret = unsafe {
                 libc::write(
-                    self.fd.as_raw_fd(),
+                    self.file.as_raw_fd(),
                     rest.as_ptr().cast(),
                     std::mem::size_of_val(rest),
                 )
@@ -444,7 +420,7 @@ impl Backend {
             return Err(Error::ShadowSize(size));
         }
         // SAFETY: the ioctl reads one u64 from `size`, which outlives it.
-        let ret = unsafe { ioctl_with_ref(&self.fd, sys::KVM_USER_SET_SHADOW_SIZE(), &size) };
+        let ret = unsafe { ioctl_with_ref(&*self.file, sys::KVM_USER_SET_SHADOW_SIZE(), &size) };
         if ret < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
@@ -456,8 +432,8 @@ impl Backend {
                 },
             });
         }
-        let map = Mapping::new(
-            self.fd.as_fd(),
+        let map = map(
+            &self.file,
             len,
             sys::KVM_USER_SHADOW_MMAP_OFFSET,
             "mmap(shadow image)",
@@ -496,7 +472,7 @@ impl Backend {
         }
         // SAFETY: the kernel reads the header, then `nr` entries, all in
         // `buf`, which outlives the call.
-        let ret = unsafe { ioctl_with_ref(&self.fd, sys::KVM_USER_SET_ACCESS_MAP(), &*buf) };
+        let ret = unsafe { ioctl_with_ref(&*self.file, sys::KVM_USER_SET_ACCESS_MAP(), &*buf) };
         if ret < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
@@ -522,13 +498,13 @@ impl Backend {
 
 impl AsRawFd for Backend {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.file.as_raw_fd()
     }
 }
 
 impl AsFd for Backend {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.file.as_fd()
     }
 }
 
@@ -572,77 +548,57 @@ pub struct MapEntry {
 /// served without waking the emulator.
 #[derive(Debug)]
 pub struct Shadow {
-    map: Mapping,
+    map: MmapRegion,
 }
 
 /// Values the shadow image holds: u8, u16, u32 and u64, naturally aligned
 /// and stored single-copy atomically, so that KVM never sees half a value.
-pub trait ShadowValue: sealed::Atomic {}
+pub trait ShadowValue: AtomicAccess + sealed::Sealed {}
 
 mod sealed {
-    pub trait Atomic: Copy {
-        /// # Safety
-        /// `ptr` is aligned and points into a live mapping that is only
-        /// accessed atomically.
-        unsafe fn store(ptr: *mut Self, v: Self);
-        /// # Safety
-        /// As for `store`.
-        unsafe fn load(ptr: *mut Self) -> Self;
-    }
+    pub trait Sealed {}
 }
 
 macro_rules! shadow_value {
-    ($t:ty, $atomic:ty) => {
-        impl sealed::Atomic for $t {
-            unsafe fn store(ptr: *mut Self, v: Self) {
-                // SAFETY: the caller's contract.
-                unsafe { <$atomic>::from_ptr(ptr) }.store(v, Ordering::Relaxed)
-            }
-            unsafe fn load(ptr: *mut Self) -> Self {
-                // SAFETY: the caller's contract.
-                unsafe { <$atomic>::from_ptr(ptr) }.load(Ordering::Relaxed)
-            }
-        }
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
         impl ShadowValue for $t {}
-    };
+    )*};
 }
 
-shadow_value!(u8, AtomicU8);
-shadow_value!(u16, AtomicU16);
-shadow_value!(u32, AtomicU32);
-shadow_value!(u64, AtomicU64);
+shadow_value!(u8, u16, u32, u64);
 
 impl Shadow {
     pub fn len(&self) -> usize {
-        self.map.len
+        self.map.size()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.len == 0
+        self.map.size() == 0
     }
 
     /// Publishes `value` at `offset` (naturally aligned, inside the image).
     pub fn write<T: ShadowValue>(&self, offset: usize, value: T) -> Result<()> {
-        let cell = self.cell(offset)?;
-        // SAFETY: `cell` checked the bounds and alignment; the mapping lives
-        // as long as `self`, and KVM reads it atomically too.
-        unsafe { T::store(cell, value) };
-        Ok(())
+        self.map
+            .as_volatile_slice()
+            .store(value, offset, Ordering::Relaxed)
+            .map_err(|_| self.bounds::<T>(offset))
     }
 
     /// What the image holds at `offset`.
     pub fn read<T: ShadowValue>(&self, offset: usize) -> Result<T> {
-        let cell = self.cell(offset)?;
-        // SAFETY: as in `write`.
-        Ok(unsafe { T::load(cell) })
+        self.map
+            .as_volatile_slice()
+            .load(offset, Ordering::Relaxed)
+            .map_err(|_| self.bounds::<T>(offset))
     }
 
-    fn cell<T>(&self, offset: usize) -> Result<*mut T> {
-        self.map.cell(offset).ok_or(Error::ShadowBounds {
+    fn bounds<T>(&self, offset: usize) -> Error {
+        Error::ShadowBounds {
             offset,
             len: std::mem::size_of::<T>(),
-            size: self.map.len,
-        })
+            size: self.map.size(),
+        }
     }
 }
 
@@ -743,7 +699,7 @@ mod tests {
     fn shadow_cells_checked() {
         let fd = memfd();
         let shadow = Shadow {
-            map: Mapping::new(fd.as_fd(), 4096, 0, "mmap").unwrap(),
+            map: map(&Arc::new(File::from(fd)), 4096, 0, "mmap").unwrap(),
         };
         shadow.write(0x24u32 as usize, 0x1234_5678u32).unwrap();
         assert_eq!(shadow.read::<u32>(0x24).unwrap(), 0x1234_5678);

@@ -70,12 +70,3 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-impl Error {
-    pub(crate) fn os(op: &'static str) -> Self {
-        Error::Os {
-            op,
-            source: io::Error::last_os_error(),
-        }
-    }
-}

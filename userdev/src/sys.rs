@@ -66,6 +66,10 @@ pub struct kvm_user_access {
     pub op: u8,
 }
 
+// SAFETY: integers and a byte array only, with no padding (the layout is
+// asserted below): every bit pattern is a valid record.
+unsafe impl vm_memory::ByteValued for kvm_user_access {}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct kvm_user_reply {
