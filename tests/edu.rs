@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use kvm_userdev_bench::results::ACCESSES;
-use kvm_userdev_bench::variants::{DOORBELL, POLL_NS_PARAMETER};
+use kvm_userdev_bench::variants::{DOORBELL, POLL_NS_PARAMETER, SYNC_LOAD_REGISTER};
 use userdev::{stats, Stats};
 
 fn repo() -> PathBuf {
@@ -95,7 +95,7 @@ fn mmio_bench(samples: u64, extra: &[&str]) -> Run {
     let cmdline = format!("samples={samples} warmup=2 doorbell={DOORBELL:#x}");
     let doorbell = format!("{DOORBELL:#x}");
     let mut args = vec!["--cmdline", &cmdline, "--doorbell", &doorbell];
-    args.extend(["--forward", "0x8"]);
+    args.extend(["--forward", SYNC_LOAD_REGISTER]);
     args.extend(extra);
     vmm_with("mmio-bench", &args, None)
 }

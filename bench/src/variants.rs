@@ -12,8 +12,9 @@ use userdev::stats;
 /// Where our VMM puts its ioeventfd doorbell (the guest's doorbell window).
 pub const DOORBELL: u64 = 0xd000_0000;
 /// The edu register the kvm-userdev variant keeps out of the shadow image,
-/// so that its loads reach the emulator (the guest's sync-load register).
-const SYNC_LOAD_REGISTER: &str = "0x8";
+/// so that its loads reach the emulator (the guest's sync-load register,
+/// `edu_regs::FACTORIAL`; a string for the VMM's command line).
+pub const SYNC_LOAD_REGISTER: &str = "0x8";
 
 #[derive(Clone, Debug)]
 pub struct Variant {
@@ -225,6 +226,11 @@ mod tests {
                 ("stalled_accesses".to_string(), 2)
             ]
         );
+    }
+
+    #[test]
+    fn sync_load_register_is_the_factorial() {
+        assert_eq!(SYNC_LOAD_REGISTER, format!("{:#x}", edu_regs::FACTORIAL));
     }
 
     #[test]

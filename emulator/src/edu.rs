@@ -9,41 +9,37 @@
 //! registers are published in the shadow image.
 
 use crate::model::{DeviceModel, Env, PciIdentity, ShadowRegister};
+use edu_regs as regs;
 use userdev::Sizes;
 
-const ID: u64 = 0x00;
-const LIVENESS: u64 = 0x04;
-const FACTORIAL: u64 = 0x08;
-const STATUS: u64 = 0x20;
-const IRQ_STATUS: u64 = 0x24;
-const IRQ_RAISE: u64 = 0x60;
-const IRQ_ACK: u64 = 0x64;
-const DMA_SRC: u64 = 0x80;
-const DMA_DST: u64 = 0x88;
-const DMA_COUNT: u64 = 0x90;
-const DMA_CMD: u64 = 0x98;
+// The register map is edu_regs'; the model works in u64 offsets and
+// values, as the ring and Env do.
+const ID: u64 = regs::IDENTIFICATION_REG as u64;
+const LIVENESS: u64 = regs::LIVENESS as u64;
+const FACTORIAL: u64 = regs::FACTORIAL as u64;
+const STATUS: u64 = regs::STATUS as u64;
+const IRQ_STATUS: u64 = regs::IRQ_STATUS as u64;
+const IRQ_RAISE: u64 = regs::IRQ_RAISE as u64;
+const IRQ_ACK: u64 = regs::IRQ_ACKNOWLEDGE as u64;
+const DMA_SRC: u64 = regs::DMA_SOURCE as u64;
+const DMA_DST: u64 = regs::DMA_DESTINATION as u64;
+const DMA_COUNT: u64 = regs::DMA_COUNT as u64;
+const DMA_CMD: u64 = regs::DMA_COMMAND as u64;
 
-/// Major 1, minor 0, "ed".
-const IDENTIFICATION: u32 = 0x0100_00ed;
-const STATUS_COMPUTING: u32 = 0x01;
-const STATUS_IRQ_FACTORIAL: u32 = 0x80;
-const IRQ_FACTORIAL_DONE: u32 = 0x01;
-const IRQ_DMA_DONE: u32 = 0x100;
-const DMA_START: u64 = 0x01;
-const DMA_TO_RAM: u64 = 0x02;
-const DMA_IRQ: u64 = 0x04;
-/// The device buffer, as DMA addresses on the device side.
-pub const DMA_BUFFER: u64 = 0x40000;
-pub const DMA_BUFFER_SIZE: usize = 4096;
+pub use regs::{DMA_BUFFER, DMA_BUFFER_SIZE};
+use regs::{
+    DMA_IRQ, DMA_START, DMA_TO_RAM, IDENTIFICATION, IRQ_DMA, IRQ_FACTORIAL, STATUS_COMPUTING,
+    STATUS_IRQ_ON_FACTORIAL,
+};
 
 pub const IDENTITY: PciIdentity = PciIdentity {
-    vendor: 0x1234,
-    device: 0x11e8,
+    vendor: regs::VENDOR_ID,
+    device: regs::DEVICE_ID,
     revision: 0x10,
     class: [0xff, 0x00, 0x00],
     subsystem_vendor: 0x1af4,
     subsystem: 0x1100,
-    bar0_size: 1 << 20,
+    bar0_size: regs::BAR_SIZE as u64,
     msi_vectors: 1,
 };
 
@@ -151,8 +147,8 @@ impl Edu {
         self.status &= !STATUS_COMPUTING;
         self.publish(env, FACTORIAL);
         self.publish(env, STATUS);
-        if self.status & STATUS_IRQ_FACTORIAL != 0 {
-            self.raise(env, IRQ_FACTORIAL_DONE);
+        if self.status & STATUS_IRQ_ON_FACTORIAL != 0 {
+            self.raise(env, IRQ_FACTORIAL);
         }
     }
 
@@ -182,7 +178,7 @@ impl Edu {
         self.dma_cmd &= !DMA_START;
         self.publish(env, DMA_CMD);
         if self.dma_cmd & DMA_IRQ != 0 {
-            self.raise(env, IRQ_DMA_DONE);
+            self.raise(env, IRQ_DMA);
         }
     }
 }
@@ -222,7 +218,8 @@ impl DeviceModel for Edu {
                 self.compute_factorial(env, low);
             }
             STATUS => {
-                self.status = (self.status & !STATUS_IRQ_FACTORIAL) | (low & STATUS_IRQ_FACTORIAL);
+                self.status =
+                    (self.status & !STATUS_IRQ_ON_FACTORIAL) | (low & STATUS_IRQ_ON_FACTORIAL);
                 self.publish(env, STATUS);
             }
             IRQ_RAISE => self.raise(env, low),

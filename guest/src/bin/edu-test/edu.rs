@@ -1,43 +1,11 @@
-//! QEMU's edu device (docs/specs/edu.rst): registers, and what its
-//! interrupts showed.
+//! QEMU's edu device (docs/specs/edu.rst): its registers (from `edu_regs`),
+//! and what its interrupts showed.
 
 use kvm_userdev_guest::cpu::wait_until;
 use kvm_userdev_guest::mmio::Mmio;
 use kvm_userdev_guest::pci;
 
-pub const VENDOR_ID: u16 = 0x1234;
-pub const DEVICE_ID: u16 = 0x11e8;
-pub const BAR_SIZE: u32 = 1 << 20;
-pub const IDENTIFICATION: u32 = 0x0100_00ed;
-
-// BAR0 registers. Up to 0x7f they take 32-bit accesses, from 0x80 32- and
-// 64-bit ones.
-pub const IDENTIFICATION_REG: usize = 0x00;
-pub const LIVENESS: usize = 0x04; // reads the inverse of what was written
-pub const FACTORIAL: usize = 0x08;
-pub const STATUS: usize = 0x20;
-pub const IRQ_STATUS: usize = 0x24;
-pub const IRQ_RAISE: usize = 0x60;
-pub const IRQ_ACKNOWLEDGE: usize = 0x64;
-pub const DMA_SOURCE: usize = 0x80;
-pub const DMA_DESTINATION: usize = 0x88;
-pub const DMA_COUNT: usize = 0x90;
-pub const DMA_COMMAND: usize = 0x98;
-
-pub const STATUS_COMPUTING: u32 = 0x01;
-pub const STATUS_IRQ_ON_FACTORIAL: u32 = 0x80;
-
-/// Interrupt status bits of the device's own events.
-pub const IRQ_FACTORIAL: u32 = 0x001;
-pub const IRQ_DMA: u32 = 0x100;
-
-pub const DMA_START: u64 = 0x1; // reads back set until the transfer is done
-pub const DMA_TO_RAM: u64 = 0x2; // otherwise from RAM to the device
-pub const DMA_IRQ: u64 = 0x4;
-
-/// The device's DMA buffer, in the device's address space.
-pub const DMA_BUFFER: u64 = 0x40000;
-pub const DMA_BUFFER_SIZE: usize = 4096;
+pub use edu_regs::*;
 
 pub fn in_device_buffer(address: u64) -> bool {
     (DMA_BUFFER..DMA_BUFFER + DMA_BUFFER_SIZE as u64).contains(&address)

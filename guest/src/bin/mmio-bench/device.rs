@@ -88,17 +88,14 @@ impl TestdevStore {
     }
 }
 
+/// QEMU's edu device; `cargo xtask bench` keeps FACTORIAL out of the shadow
+/// image, so that its loads reach the emulator.
 mod edu {
-    pub const ID: (u16, u16) = (0x1234, 0x11e8);
-    pub const IDENTIFICATION_REG: usize = 0x00;
-    pub const IDENTIFICATION: u32 = 0x0100_00ed;
-    pub const LIVENESS: usize = 0x04;
-    /// The register `cargo xtask bench` tells our emulator to keep out of
-    /// the shadow image, so that its loads reach the emulator.
-    pub const FACTORIAL: usize = 0x08;
-    pub const IRQ_STATUS: usize = 0x24;
-    pub const IRQ_RAISE: usize = 0x60;
-    pub const IRQ_ACKNOWLEDGE: usize = 0x64;
+    pub use edu_regs::{
+        FACTORIAL, IDENTIFICATION, IDENTIFICATION_REG, IRQ_ACKNOWLEDGE, IRQ_RAISE, IRQ_STATUS,
+        LIVENESS,
+    };
+    pub const ID: (u16, u16) = (edu_regs::VENDOR_ID, edu_regs::DEVICE_ID);
 }
 
 /// QEMU's pci-testdev (docs/specs/pci-testdev.rst): BAR0 starts with the
