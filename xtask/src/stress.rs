@@ -53,6 +53,7 @@ pub fn script(program: &str, args: &[String], duration: Duration, label: &str) -
         "t=/sys/kernel/tracing\n\
          echo 4096 > $t/buffer_size_kb\n\
          echo '{EVENTS}' > $t/set_event\n\
+         echo 1 > $t/tracing_on\n\
          keep() {{ cp $t/trace \"$KVM_USERDEV_SCRATCH/{label}-$1.trace\"; \
          echo \"== KVM trace kept: $KVM_USERDEV_SCRATCH/{label}-$1.trace\"; }}\n\
          guarded() {{ {cmd} & p=$!; \
