@@ -74,15 +74,17 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+use crate::process::{describe, poll_exits, Proc};
 
 /// The machine type of every variant (see the module documentation).
 pub const MACHINE: &str = "q35";
@@ -173,12 +175,12 @@ pub fn run_in_process(
     let scratch = ScratchDir::new()?;
     let mut args = guest_args(payload, cmdline, &scratch.debugcon());
     args.extend(in_process_device_args(device));
-    let mut guest = Proc::spawn("QEMU", qemu, &args, scratch.file("qemu.log"), None)?;
+    let mut guest = Qemu::spawn("QEMU", qemu, &args, scratch.file("qemu.log"), None)?;
     let deadline = Instant::now() + timeout;
-    let status = match guest.wait_until(deadline)? {
+    let status = match guest.proc.wait_until(deadline)? {
         Some(status) => status,
         None => {
-            guest.kill();
+            guest.proc.kill();
             bail!(
                 "QEMU timed out after {timeout:?} and was killed\n{}\n{}",
                 guest.report(),
@@ -210,7 +212,7 @@ pub fn run_multi_process(
     let deadline = Instant::now() + timeout;
     let (guest_end, remote_end) = socketpair()?;
 
-    let mut remote = Proc::spawn(
+    let mut remote = Qemu::spawn(
         "remote QEMU",
         qemu,
         &remote_args(remote_end.as_raw_fd()),
@@ -220,7 +222,7 @@ pub fn run_multi_process(
     drop(remote_end);
     let mut args = guest_args(payload, cmdline, &scratch.debugcon());
     args.extend(proxy_device_args(guest_end.as_raw_fd()));
-    let mut guest = Proc::spawn(
+    let mut guest = Qemu::spawn(
         "QEMU",
         qemu,
         &args,
@@ -233,10 +235,10 @@ pub fn run_multi_process(
     // The remote has nothing left to serve once the guest's QEMU is gone.
     // Both get SIGKILL before either is waited for: on a timeout, neither
     // should see the other go first and fill its log with complaints.
-    guest.send_kill();
-    remote.send_kill();
-    guest.kill();
-    remote.kill();
+    guest.proc.send_kill();
+    remote.proc.send_kill();
+    guest.proc.kill();
+    remote.proc.kill();
     let both = || {
         format!(
             "{}\n{}\n{}",
@@ -250,7 +252,7 @@ pub fn run_multi_process(
         PairEnding::TimedOut => bail!(
             "multi-process QEMU timed out after {timeout:?}: the guest's QEMU was still \
              running ({}); both were killed\n{}",
-            match remote.exited_early {
+            match remote.proc.exited_early() {
                 Some(status) => format!("the remote QEMU had exited: {}", describe(status)),
                 None => "the remote QEMU was still running too".to_string(),
             },
@@ -401,14 +403,6 @@ fn show_command(qemu: &Path, args: &[OsString]) -> String {
 // ---------------------------------------------------------------------------
 // Exit statuses and messages.
 
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => format!("{status}"),
-    }
-}
-
 /// The status the guest wrote to `isa-debug-exit`, from QEMU's exit status,
 /// or why QEMU itself failed.
 ///
@@ -548,168 +542,37 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// Waits until one of `fds` (pidfds) is readable, i.e. its process exited,
-/// or until `deadline`. Returns which are readable (all false on timeout).
-fn poll_exits(fds: &[BorrowedFd], deadline: Instant) -> io::Result<Vec<bool>> {
-    let mut pollfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // Round up, so that a wait does not end just before the deadline.
-        let ms = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
-        // SAFETY: pollfds is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n > 0 || Instant::now() >= deadline {
-            return Ok(pollfds.iter().map(|p| p.revents != 0).collect());
-        }
-    }
-}
-
-/// A QEMU process that is killed and reaped when dropped.
-struct Proc {
-    /// "QEMU" or "remote QEMU", for messages.
+/// A QEMU process (killed and reaped when dropped) and its log.
+struct Qemu {
     role: &'static str,
+    proc: Proc,
     command: String,
-    child: Child,
-    pidfd: OwnedFd,
     /// Its stdout and stderr.
     log: PathBuf,
-    /// Set once reaped.
-    status: Option<ExitStatus>,
-    /// The status, if it exited before we sent it SIGKILL.
-    exited_early: Option<ExitStatus>,
-    /// Whether we sent it SIGKILL.
-    killed: bool,
 }
 
-impl Proc {
+impl Qemu {
     /// Starts `qemu args...` with stdin from /dev/null and stdout and stderr
-    /// into `log`. `inherit` is a close-on-exec descriptor that the child
-    /// (only the child) keeps open across exec, at the same number.
+    /// into `log`; `inherit` as for [`Proc::spawn`].
     fn spawn(
         role: &'static str,
         qemu: &Path,
         args: &[OsString],
         log: PathBuf,
         inherit: Option<RawFd>,
-    ) -> Result<Proc> {
+    ) -> Result<Qemu> {
         let command = show_command(qemu, args);
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(qemu);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls (prctl, getppid, fcntl).
-        unsafe {
-            cmd.pre_exec(move || {
-                // QEMU must not outlive us, whatever ends us.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    return Err(io::Error::other("parent exited"));
-                }
-                if let Some(fd) = inherit {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("start {role}: {command}"))?;
-        let pidfd = match pidfd_open(child.id()) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e).with_context(|| format!("pidfd_open for {role}"));
-            }
-        };
-        Ok(Proc {
+        let proc = Proc::spawn(role, cmd, inherit).with_context(|| command.clone())?;
+        Ok(Qemu {
             role,
+            proc,
             command,
-            child,
-            pidfd,
             log,
-            status: None,
-            exited_early: None,
-            killed: false,
         })
-    }
-
-    /// Reaps the process if it has exited.
-    fn try_reap(&mut self) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
-            if let Some(status) = self
-                .child
-                .try_wait()
-                .with_context(|| format!("wait for {}", self.role))?
-            {
-                self.status = Some(status);
-                if !self.killed {
-                    self.exited_early = Some(status);
-                }
-            }
-        }
-        Ok(self.status)
-    }
-
-    /// Waits until the process exits (its status) or `deadline` (None).
-    fn wait_until(&mut self, deadline: Instant) -> Result<Option<ExitStatus>> {
-        loop {
-            if let Some(status) = self.try_reap()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            poll_exits(&[self.pidfd.as_fd()], deadline)
-                .with_context(|| format!("wait for {}", self.role))?;
-        }
-    }
-
-    /// Sends SIGKILL, unless the process has exited (or been reaped).
-    fn send_kill(&mut self) {
-        if !self.killed && self.try_reap().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            self.killed = true;
-        }
-    }
-
-    /// Kills (SIGKILL) and reaps the process, unless already reaped.
-    fn kill(&mut self) {
-        self.send_kill();
-        if self.status.is_none() {
-            self.status = self.child.wait().ok();
-        }
     }
 
     /// Its output so far.
@@ -719,23 +582,13 @@ impl Proc {
 
     /// How it ended and what it wrote, for an error message.
     fn report(&self) -> String {
-        let ending = match (self.exited_early, self.status) {
-            (Some(status), _) => describe(status),
-            (None, Some(_)) => "killed".to_string(),
-            (None, None) => "running".to_string(),
-        };
         format!(
-            "--- {} ({ending}): {}\n--- its stderr, last lines:\n{}",
+            "--- {} ({}): {}\n--- its stderr, last lines:\n{}",
             self.role,
+            self.proc.ending(),
             self.command,
             tail(&self.log())
         )
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -748,16 +601,16 @@ enum PairEnding {
 }
 
 /// Waits for the guest's QEMU to exit, watching the remote meanwhile.
-fn wait_pair(guest: &mut Proc, remote: &mut Proc, deadline: Instant) -> Result<PairEnding> {
+fn wait_pair(guest: &mut Qemu, remote: &mut Qemu, deadline: Instant) -> Result<PairEnding> {
     loop {
-        if let Some(status) = guest.try_reap()? {
+        if let Some(status) = guest.proc.try_reap()? {
             return Ok(PairEnding::Guest(status));
         }
-        if let Some(remote_status) = remote.try_reap()? {
+        if let Some(remote_status) = remote.proc.try_reap()? {
             // The remote may just have seen the guest's QEMU close the socket
             // on its way out: give it a moment.
             let grace = deadline.min(Instant::now() + REMOTE_EXIT_GRACE);
-            return Ok(match guest.wait_until(grace)? {
+            return Ok(match guest.proc.wait_until(grace)? {
                 Some(status) => PairEnding::Guest(status),
                 None if grace == deadline => PairEnding::TimedOut,
                 None => PairEnding::RemoteDied(remote_status),
@@ -766,7 +619,7 @@ fn wait_pair(guest: &mut Proc, remote: &mut Proc, deadline: Instant) -> Result<P
         if Instant::now() >= deadline {
             return Ok(PairEnding::TimedOut);
         }
-        poll_exits(&[guest.pidfd.as_fd(), remote.pidfd.as_fd()], deadline)
+        poll_exits(&[guest.proc.pidfd(), remote.proc.pidfd()], deadline)
             .context("wait for multi-process QEMU")?;
     }
 }

@@ -13,8 +13,9 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use kvm_userdev_bench::process::Proc;
 
 use crate::deps;
 use crate::kernel::{self, Flavour};
@@ -199,54 +200,14 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
         .any(|p| p.starts_with("/tmp"));
     fs::write(scratch.join(".vm-cmd"), command_script(cmd, &cwd, &scratch))?;
     let kernel_log_path = scratch.join("kernel.log");
-    let init = repo_root().join("xtask/vm-init.sh");
-
-    // The root is read-only and does not change while the VM runs, so the
-    // guest may cache it (cache=loose): without that every exec reads the
-    // binary and its libraries over 9p again, page by page.
-    // no5lvl: with -cpu max the kernel would use 5-level paging, under which
-    // 6.12's early KASAN reports a wild access at boot.
-    let append = format!(
-        "console=ttyS0 root=/dev/root rootfstype=9p \
-         rootflags=trans=virtio,version=9p2000.L,cache=loose,msize=524288 \
-         ro init={} panic=-1 no5lvl kvm_userdev_tmp={} -- {}",
-        init.display(),
-        if host_tmp { "host" } else { "tmpfs" },
-        scratch.display()
+    let qemu_cmd = qemu_command(
+        qemu,
+        opts,
+        &kernel.bzimage,
+        &kernel_append(host_tmp, &scratch),
+        &scratch,
+        &kernel_log_path,
     );
-    let mut qemu_cmd = Command::new(qemu);
-    qemu_cmd
-        .args(["-accel", opts.tcg.accel(), "-cpu", "max"])
-        .args(["-smp", &opts.cpus.to_string()])
-        .args(["-m", &format!("{}M", opts.memory_mib)])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&kernel.bzimage)
-        .args(["-append", &append])
-        .args([
-            "-fsdev",
-            "local,id=root,path=/,security_model=none,readonly=on",
-        ])
-        .args(["-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"])
-        .arg("-fsdev")
-        .arg(format!(
-            "local,id=scratch,path={},security_model=none",
-            scratch.display()
-        ))
-        .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"])
-        .arg("-serial")
-        .arg(format!("file:{}", kernel_log_path.display()))
-        .args(["-device", "virtio-serial-pci"])
-        .args(["-chardev", "stdio,id=out,signal=off"])
-        .args(["-device", "virtconsole,chardev=out"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
 
     eprintln!(
         "xtask: booting {} ({} kernel, {} vCPUs, {} MiB, limit {})",
@@ -257,40 +218,7 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
         fmt_duration(opts.timeout)
     );
     let started = Instant::now();
-    let mut child = qemu_cmd.spawn().context("start qemu-system-x86_64")?;
-    let output = Arc::new(Mutex::new(Vec::new()));
-    let reader = {
-        let mut stdout = child.stdout.take().expect("piped");
-        let output = Arc::clone(&output);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&buf[..n]);
-                let _ = out.flush();
-                output.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        })
-    };
-
-    let mut timed_out = false;
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if started.elapsed() > opts.timeout {
-            timed_out = true;
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = reader.join();
-    let output = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+    let (timed_out, output) = supervise(qemu_cmd, opts.timeout)?;
 
     let status = fs::read_to_string(scratch.join(".vm-status"))
         .ok()
@@ -311,6 +239,96 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
         kernel_log_path,
         reports: logscan::scan(&log),
     })
+}
+
+/// The kernel's command line: root over 9p, `vm-init.sh` as init, the
+/// scratch directory as its argument.
+fn kernel_append(host_tmp: bool, scratch: &Path) -> String {
+    let init = repo_root().join("xtask/vm-init.sh");
+    // The root is read-only and does not change while the VM runs, so the
+    // guest may cache it (cache=loose): without that every exec reads the
+    // binary and its libraries over 9p again, page by page.
+    // no5lvl: with -cpu max the kernel would use 5-level paging, under which
+    // 6.12's early KASAN reports a wild access at boot.
+    format!(
+        "console=ttyS0 root=/dev/root rootfstype=9p \
+         rootflags=trans=virtio,version=9p2000.L,cache=loose,msize=524288 \
+         ro init={} panic=-1 no5lvl kvm_userdev_tmp={} -- {}",
+        init.display(),
+        if host_tmp { "host" } else { "tmpfs" },
+        scratch.display()
+    )
+}
+
+/// QEMU with the host's root and the scratch directory over 9p, the kernel
+/// log into `kernel_log`, the command's output on its stdout (piped).
+fn qemu_command(
+    qemu: &Path,
+    opts: &VmOptions,
+    bzimage: &Path,
+    append: &str,
+    scratch: &Path,
+    kernel_log: &Path,
+) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", opts.tcg.accel(), "-cpu", "max"])
+        .args(["-smp", &opts.cpus.to_string()])
+        .args(["-m", &format!("{}M", opts.memory_mib)])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(bzimage)
+        .args(["-append", append])
+        .args([
+            "-fsdev",
+            "local,id=root,path=/,security_model=none,readonly=on",
+        ])
+        .args(["-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"])
+        .arg("-fsdev")
+        .arg(format!(
+            "local,id=scratch,path={},security_model=none",
+            scratch.display()
+        ))
+        .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"])
+        .arg("-serial")
+        .arg(format!("file:{}", kernel_log.display()))
+        .args(["-device", "virtio-serial-pci"])
+        .args(["-chardev", "stdio,id=out,signal=off"])
+        .args(["-device", "virtconsole,chardev=out"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Runs QEMU until it exits or `timeout` passes (then it is killed), while
+/// copying its stdout to ours. Returns whether it timed out, and the output.
+/// QEMU is killed on every way out of here, an error included.
+fn supervise(qemu_cmd: Command, timeout: Duration) -> Result<(bool, String)> {
+    let mut qemu = Proc::spawn("qemu-system-x86_64", qemu_cmd, None)?;
+    let mut stdout = qemu.take_stdout().expect("piped");
+    let copier = std::thread::spawn(move || {
+        let mut output = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+            output.extend_from_slice(&buf[..n]);
+        }
+        output
+    });
+    let timed_out = qemu.wait_until(Instant::now() + timeout)?.is_none();
+    qemu.kill();
+    let output = copier.join().unwrap_or_default();
+    Ok((timed_out, String::from_utf8_lossy(&output).into_owned()))
 }
 
 #[cfg(test)]
