@@ -159,45 +159,9 @@ pub struct Kind {
 /// Summarises a trace: the vCPU thread is the one with the most exits.
 pub fn analyse(text: &str, doorbell: u64) -> Vec<Kind> {
     let events: Vec<Event> = text.lines().filter_map(parse_line).collect();
-    let mut exits: BTreeMap<u32, usize> = BTreeMap::new();
-    for e in events.iter().filter(|e| e.name == "kvm_exit") {
-        *exits.entry(e.pid).or_default() += 1;
-    }
-    let Some((&vcpu, _)) = exits.iter().max_by_key(|(_, n)| **n) else {
+    let Some(vcpu) = vcpu_thread(&events) else {
         return Vec::new();
     };
-    let role = |pid: u32, comm: &str| -> String {
-        if pid == vcpu {
-            "vCPU thread".into()
-        } else if pid == 0 || comm.starts_with("swapper") {
-            "idle".into()
-        } else {
-            comm.into()
-        }
-    };
-    let label = |e: &Event| -> String {
-        match e.name {
-            "sched_waking" | "sched_wakeup" => {
-                let comm = field(e.args, "comm=", " pid=").unwrap_or("?");
-                let pid = field(e.args, " pid=", " ").and_then(|p| p.parse().ok());
-                format!("{} {}", e.name, role(pid.unwrap_or(u32::MAX), comm))
-            }
-            "sched_switch" => {
-                let side = |c: &str, p: &str, end: &str| {
-                    let comm = field(e.args, c, p).unwrap_or("?");
-                    let pid = field(e.args, p, end).and_then(|p| p.parse().ok());
-                    role(pid.unwrap_or(u32::MAX), comm)
-                };
-                format!(
-                    "sched_switch {} -> {}",
-                    side("prev_comm=", " prev_pid=", " "),
-                    side("next_comm=", " next_pid=", " ")
-                )
-            }
-            name => name.to_string(),
-        }
-    };
-
     let mut kinds: Vec<Kind> = Vec::new();
     let mut open: Option<(usize, &str)> = None;
     for (i, e) in events.iter().enumerate() {
@@ -210,36 +174,93 @@ pub fn analyse(text: &str, doorbell: u64) -> Vec<Kind> {
             }
             ("kvm_entry", Some((start, reason))) => {
                 open = None;
-                let t0 = events[start].t;
                 let between: Vec<&Event> = events[start + 1..i].iter().collect();
-                let Some(name) = classify(reason, &between, doorbell) else {
-                    continue;
-                };
-                let kind = match kinds.iter_mut().position(|k| k.name == name) {
-                    Some(k) => &mut kinds[k],
-                    None => {
-                        kinds.push(Kind {
-                            name,
-                            totals: Vec::new(),
-                            steps: BTreeMap::new(),
-                        });
-                        kinds.last_mut().expect("just pushed")
-                    }
-                };
-                kind.totals.push(e.t - t0);
-                let mut seen = Vec::new();
-                for ev in between {
-                    let l = label(ev);
-                    if !seen.contains(&l) {
-                        kind.steps.entry(l.clone()).or_default().push(ev.t - t0);
-                        seen.push(l);
-                    }
+                if let Some(name) = classify(reason, &between, doorbell) {
+                    let kind = kind_named(&mut kinds, name);
+                    kind.add(events[start].t, e.t, &between, vcpu);
                 }
             }
             _ => {}
         }
     }
     kinds
+}
+
+/// The thread with the most exits.
+fn vcpu_thread(events: &[Event]) -> Option<u32> {
+    let mut exits: BTreeMap<u32, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.name == "kvm_exit") {
+        *exits.entry(e.pid).or_default() += 1;
+    }
+    exits
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .map(|(pid, _)| pid)
+}
+
+fn kind_named<'k>(kinds: &'k mut Vec<Kind>, name: &'static str) -> &'k mut Kind {
+    match kinds.iter().position(|k| k.name == name) {
+        Some(k) => &mut kinds[k],
+        None => {
+            kinds.push(Kind {
+                name,
+                totals: Vec::new(),
+                steps: BTreeMap::new(),
+            });
+            kinds.last_mut().expect("just pushed")
+        }
+    }
+}
+
+impl Kind {
+    /// One exit at `exit`, entered again at `entry`, with the events
+    /// between: each step's first occurrence, as an offset from the exit.
+    fn add(&mut self, exit: f64, entry: f64, between: &[&Event], vcpu: u32) {
+        self.totals.push(entry - exit);
+        let mut seen = Vec::new();
+        for ev in between {
+            let l = label(ev, vcpu);
+            if !seen.contains(&l) {
+                self.steps.entry(l.clone()).or_default().push(ev.t - exit);
+                seen.push(l);
+            }
+        }
+    }
+}
+
+/// Who a task is: the vCPU thread, an idle CPU, or its command name.
+fn role(pid: u32, comm: &str, vcpu: u32) -> String {
+    if pid == vcpu {
+        "vCPU thread".into()
+    } else if pid == 0 || comm.starts_with("swapper") {
+        "idle".into()
+    } else {
+        comm.into()
+    }
+}
+
+/// An event's name, with the tasks a scheduler event is about.
+fn label(e: &Event, vcpu: u32) -> String {
+    match e.name {
+        "sched_waking" | "sched_wakeup" => {
+            let comm = field(e.args, "comm=", " pid=").unwrap_or("?");
+            let pid = field(e.args, " pid=", " ").and_then(|p| p.parse().ok());
+            format!("{} {}", e.name, role(pid.unwrap_or(u32::MAX), comm, vcpu))
+        }
+        "sched_switch" => {
+            let side = |c: &str, p: &str, end: &str| {
+                let comm = field(e.args, c, p).unwrap_or("?");
+                let pid = field(e.args, p, end).and_then(|p| p.parse().ok());
+                role(pid.unwrap_or(u32::MAX), comm, vcpu)
+            };
+            format!(
+                "sched_switch {} -> {}",
+                side("prev_comm=", " prev_pid=", " "),
+                side("next_comm=", " next_pid=", " ")
+            )
+        }
+        name => name.to_string(),
+    }
 }
 
 /// The summary as text: per kind, the exit → entry time and the steps seen

@@ -529,16 +529,6 @@ fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
     let jobs = jobs();
     let cold = !obj.join("vmlinux").exists();
     let estimate_file = cache.root.join(format!("steps-{}", flavour.name()));
-    // A cold build's length in steps: measured by the last cold build here,
-    // else what one measured when this was written (about 2,200 for either
-    // flavour).
-    let estimate: Option<u64> = cold.then(|| {
-        fs::read_to_string(&estimate_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .filter(|&n: &u64| n > 0)
-            .unwrap_or(2200)
-    });
     let log_path = obj.join("build.log");
     eprintln!(
         "xtask: building the {} kernel ({}, {jobs} jobs; log: {})",
@@ -567,31 +557,12 @@ fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
         }
     });
 
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    let mut steps = 0u64;
+    let mut progress = Progress::new(flavour, cold.then(|| cold_steps(&estimate_file)));
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         let _ = writeln!(log.lock().unwrap(), "{line}");
-        if !is_build_step(&line) {
-            continue;
-        }
-        steps += 1;
-        if last_report.elapsed() >= Duration::from_secs(15) {
-            last_report = Instant::now();
-            let done = match estimate {
-                Some(total) => format!(
-                    "{steps}/~{total} steps ({}%)",
-                    (steps * 100 / total).min(99)
-                ),
-                _ => format!("{steps} steps"),
-            };
-            eprintln!(
-                "xtask:   {} kernel: {done}, {}: {}",
-                flavour.name(),
-                fmt_duration(started.elapsed()),
-                line.trim()
-            );
+        if is_build_step(&line) {
+            progress.step(&line);
         }
     }
     let status = child.wait()?;
@@ -604,9 +575,64 @@ fn make_bzimage(cache: &Cache, obj: &Path, flavour: Flavour) -> Result<u64> {
         );
     }
     if cold {
-        let _ = fs::write(&estimate_file, steps.to_string());
+        let _ = fs::write(&estimate_file, progress.steps.to_string());
     }
-    Ok(steps)
+    Ok(progress.steps)
+}
+
+/// A cold build's length in steps: measured by the last cold build here
+/// (kept in `file`), else what one measured when this was written (about
+/// 2,200 for either flavour).
+fn cold_steps(file: &Path) -> u64 {
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&n: &u64| n > 0)
+        .unwrap_or(2200)
+}
+
+/// A progress line every 15 s of a build: steps so far (against the
+/// estimate of a cold build), time, and the step being made.
+struct Progress {
+    flavour: Flavour,
+    estimate: Option<u64>,
+    started: Instant,
+    last_report: Instant,
+    steps: u64,
+}
+
+impl Progress {
+    fn new(flavour: Flavour, estimate: Option<u64>) -> Self {
+        Progress {
+            flavour,
+            estimate,
+            started: Instant::now(),
+            last_report: Instant::now(),
+            steps: 0,
+        }
+    }
+
+    fn step(&mut self, line: &str) {
+        self.steps += 1;
+        if self.last_report.elapsed() < Duration::from_secs(15) {
+            return;
+        }
+        self.last_report = Instant::now();
+        let steps = self.steps;
+        let done = match self.estimate {
+            Some(total) => format!(
+                "{steps}/~{total} steps ({}%)",
+                (steps * 100 / total).min(99)
+            ),
+            None => format!("{steps} steps"),
+        };
+        eprintln!(
+            "xtask:   {} kernel: {done}, {}: {}",
+            self.flavour.name(),
+            fmt_duration(self.started.elapsed()),
+            line.trim()
+        );
+    }
 }
 
 /// Installs the patched tree's uAPI headers into `obj` and builds the KVM

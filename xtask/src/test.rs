@@ -286,7 +286,58 @@ fn tally_vm_output(output: &str, suites: &[Suite], tally: &mut Tally) {
 pub fn run() -> Result<i32> {
     let started = Instant::now();
     let mut tally = Tally::default();
+    host_checks(&mut tally)?;
 
+    banner("debug kernel: cargo xtask kernel --debug");
+    let kernel = match kernel::build(Flavour::Debug) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            None
+        }
+    };
+    tally.check("debug kernel build", kernel.is_some());
+
+    banner("in-VM tests on the debug kernel");
+    // The VMM, the emulators and the guest payloads the tests run.
+    let bins = crate::binaries::build(false).and_then(|_| build_vm_tests());
+    match (kernel, bins) {
+        (None, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
+        (Some(_), Err(e)) => {
+            eprintln!("xtask: {e:#}");
+            tally.check("in-VM test build", false);
+        }
+        (Some(kernel), Ok(bins)) => {
+            let suites = suites(bins, &kernel);
+            run_in_vm(&suites, &mut tally).context("run the VM")?
+        }
+    }
+
+    eprintln!(
+        "\n==== cargo xtask test finished in {}",
+        fmt_duration(started.elapsed())
+    );
+    for f in &tally.failures {
+        eprintln!("FAILED: {f}");
+    }
+    if tally.testbed_faults > 0 {
+        eprintln!(
+            "xtask: {} test-bed fault(s) (QEMU TCG) in the stress test, each run repeated once",
+            tally.testbed_faults
+        );
+    }
+    let skipped = if tally.ignored > 0 {
+        format!(", {} skipped", tally.ignored)
+    } else {
+        String::new()
+    };
+    println!("{} passed, {} failed{skipped}", tally.passed, tally.failed);
+    let _ = std::io::stdout().flush();
+    Ok(if tally.failed == 0 { 0 } else { 1 })
+}
+
+/// fmt and clippy on both workspaces, then the host tests.
+fn host_checks(tally: &mut Tally) -> Result<()> {
     banner("cargo fmt --all --check");
     let ok = cargo()
         .args(["fmt", "--all", "--check"])
@@ -323,75 +374,37 @@ pub fn run() -> Result<i32> {
         tally.check("host tests (cargo test did not run them)", ok);
     }
 
-    banner("debug kernel: cargo xtask kernel --debug");
-    let kernel = match kernel::build(Flavour::Debug) {
-        Ok(k) => Some(k),
-        Err(e) => {
-            eprintln!("xtask: {e:#}");
-            None
-        }
-    };
-    tally.check("debug kernel build", kernel.is_some());
+    Ok(())
+}
 
-    banner("in-VM tests on the debug kernel");
-    // The VMM, the emulators and the guest payloads the tests run.
-    let bins = crate::binaries::build(false).and_then(|_| build_vm_tests());
-    match (kernel, bins) {
-        (None, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
-        (Some(_), Err(e)) => {
-            eprintln!("xtask: {e:#}");
-            tally.check("in-VM test build", false);
-        }
-        (Some(kernel), Ok(bins)) => {
-            // One test at a time: each boots a nested guest and starts
-            // emulators, and the VM has two vCPUs.
-            let mut suites: Vec<Suite> = bins
-                .into_iter()
-                .map(|b| {
-                    let mut s = Suite::new(b, Format::Libtest);
-                    s.args = vec!["--test-threads=1".into()];
-                    s
-                })
-                .collect();
-            for (selftest, args) in KVM_SELFTESTS {
-                let mut suite = Suite::new(kernel.selftests.join(selftest), Format::Ktap);
-                suite.args = args.iter().map(|a| a.to_string()).collect();
-                suites.push(suite);
-            }
-            let stress = kernel.selftests.join(stress::PROGRAM);
-            let mut suite = Suite::new(stress.clone(), Format::Status);
-            suite.script = Some(stress::script(
-                &stress.to_string_lossy(),
-                &["-d".into(), STRESS_SECONDS.to_string()],
-                Duration::from_secs(STRESS_SECONDS),
-                "stress",
-            ));
-            suites.push(suite);
-            run_in_vm(&suites, &mut tally).context("run the VM")?
-        }
+/// What the VM runs, in order: the in-VM test binaries, the series'
+/// selftest and the stress test.
+fn suites(bins: Vec<PathBuf>, kernel: &kernel::Kernel) -> Vec<Suite> {
+    // One test at a time: each boots a nested guest and starts
+    // emulators, and the VM has two vCPUs.
+    let mut suites: Vec<Suite> = bins
+        .into_iter()
+        .map(|b| {
+            let mut s = Suite::new(b, Format::Libtest);
+            s.args = vec!["--test-threads=1".into()];
+            s
+        })
+        .collect();
+    for (selftest, args) in KVM_SELFTESTS {
+        let mut suite = Suite::new(kernel.selftests.join(selftest), Format::Ktap);
+        suite.args = args.iter().map(|a| a.to_string()).collect();
+        suites.push(suite);
     }
-
-    eprintln!(
-        "\n==== cargo xtask test finished in {}",
-        fmt_duration(started.elapsed())
-    );
-    for f in &tally.failures {
-        eprintln!("FAILED: {f}");
-    }
-    if tally.testbed_faults > 0 {
-        eprintln!(
-            "xtask: {} test-bed fault(s) (QEMU TCG) in the stress test, each run repeated once",
-            tally.testbed_faults
-        );
-    }
-    let skipped = if tally.ignored > 0 {
-        format!(", {} skipped", tally.ignored)
-    } else {
-        String::new()
-    };
-    println!("{} passed, {} failed{skipped}", tally.passed, tally.failed);
-    let _ = std::io::stdout().flush();
-    Ok(if tally.failed == 0 { 0 } else { 1 })
+    let stress = kernel.selftests.join(stress::PROGRAM);
+    let mut suite = Suite::new(stress.clone(), Format::Status);
+    suite.script = Some(stress::script(
+        &stress.to_string_lossy(),
+        &["-d".into(), STRESS_SECONDS.to_string()],
+        Duration::from_secs(STRESS_SECONDS),
+        "stress",
+    ));
+    suites.push(suite);
+    suites
 }
 
 /// One boot of the debug kernel running `suites`, under multi-threaded
