@@ -487,7 +487,7 @@ fn drain_control(control: &UnixDatagram, platform: &mut Platform) -> bool {
 pub fn map_memory(
     file: OwnedFd,
     regions: &[crate::handoff::MemRegion],
-) -> Result<GuestMemoryMmap, String> {
+) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
     let file = std::sync::Arc::new(std::fs::File::from(file));
     let ranges: Vec<_> = regions
         .iter()
@@ -496,5 +496,5 @@ pub fn map_memory(
             (GuestAddress(r.guest_addr), r.len as usize, Some(f))
         })
         .collect();
-    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| e.to_string())
+    GuestMemoryMmap::from_ranges_with_files(ranges)
 }

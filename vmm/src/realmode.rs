@@ -14,7 +14,9 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     #[error("guest memory: {0}")]
-    Memory(String),
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    #[error("loading the code: {0}")]
+    Load(#[source] vm_memory::GuestMemoryError),
     #[error("payload of {len} bytes at {addr:#x} does not fit in {mem_size:#x} bytes of memory")]
     PayloadTooBig {
         addr: u64,
@@ -58,7 +60,7 @@ impl RealModeVm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
 
         let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
-            .map_err(|e| Error::Memory(e.to_string()))?;
+            .map_err(Error::Memory)?;
         let region = memory
             .find_region(GuestAddress(0))
             .expect("the range just created");
@@ -76,7 +78,7 @@ impl RealModeVm {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         memory
             .write_slice(code, GuestAddress(load_addr))
-            .map_err(|e| Error::Memory(e.to_string()))?;
+            .map_err(Error::Load)?;
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
