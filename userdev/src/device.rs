@@ -8,6 +8,7 @@ use kvm_bindings::{kvm_create_device, kvm_device_attr, KVM_CREATE_DEVICE_TEST};
 use kvm_ioctls::{DeviceFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_val;
 
+use crate::stats::COUNTERS;
 use crate::sys;
 use crate::{Error, Result, Stats};
 
@@ -217,26 +218,16 @@ impl UserDevice {
 
     /// The device's counters.
     pub fn stats(&self) -> Result<Stats> {
-        let stat = |attr| -> Result<u64> {
-            let mut v = 0u64;
+        let mut stats = Stats::default();
+        for (field, (_, attr)) in stats.fields_mut().into_iter().zip(COUNTERS) {
             self.get_attr(
                 sys::KVM_DEV_USER_GRP_STATS,
                 attr,
-                &mut v,
+                field,
                 "KVM_GET_DEVICE_ATTR(KVM_DEV_USER_GRP_STATS)",
             )?;
-            Ok(v)
-        };
-        Ok(Stats {
-            posted_stores: stat(sys::KVM_DEV_USER_STAT_POSTED_STORES)?,
-            shadow_loads: stat(sys::KVM_DEV_USER_STAT_SHADOW_LOADS)?,
-            forwarded_loads: stat(sys::KVM_DEV_USER_STAT_FORWARDED_LOADS)?,
-            timeouts: stat(sys::KVM_DEV_USER_STAT_TIMEOUTS)?,
-            dropped_stores: stat(sys::KVM_DEV_USER_STAT_DROPPED_STORES)?,
-            queue_full_waits: stat(sys::KVM_DEV_USER_STAT_QUEUE_FULL_WAITS)?,
-            detached_loads: stat(sys::KVM_DEV_USER_STAT_DETACHED_LOADS)?,
-            stalled_accesses: stat(sys::KVM_DEV_USER_STAT_STALLED_ACCESSES)?,
-        })
+        }
+        Ok(stats)
     }
 
     /// Optional behaviour this kernel's device has.

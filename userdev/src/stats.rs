@@ -5,6 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::sys;
+
 /// The device's counters (`KVM_DEV_USER_GRP_STATS`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -20,33 +22,44 @@ pub struct Stats {
     pub stalled_accesses: u64,
 }
 
+/// Every counter's name and its attribute in `KVM_DEV_USER_GRP_STATS`, in
+/// the uAPI's order, which is also the order of [`Stats::fields_mut`].
+pub(crate) const COUNTERS: [(&str, u64); 8] = [
+    ("posted_stores", sys::KVM_DEV_USER_STAT_POSTED_STORES),
+    ("shadow_loads", sys::KVM_DEV_USER_STAT_SHADOW_LOADS),
+    ("forwarded_loads", sys::KVM_DEV_USER_STAT_FORWARDED_LOADS),
+    ("timeouts", sys::KVM_DEV_USER_STAT_TIMEOUTS),
+    ("dropped_stores", sys::KVM_DEV_USER_STAT_DROPPED_STORES),
+    ("queue_full_waits", sys::KVM_DEV_USER_STAT_QUEUE_FULL_WAITS),
+    ("detached_loads", sys::KVM_DEV_USER_STAT_DETACHED_LOADS),
+    ("stalled_accesses", sys::KVM_DEV_USER_STAT_STALLED_ACCESSES),
+];
+
 impl Stats {
-    /// Every counter by name, in the uAPI's order.
-    pub fn counters(&self) -> [(&'static str, u64); 8] {
+    /// The counters, in the order of [`COUNTERS`].
+    pub(crate) fn fields_mut(&mut self) -> [&mut u64; 8] {
         [
-            ("posted_stores", self.posted_stores),
-            ("shadow_loads", self.shadow_loads),
-            ("forwarded_loads", self.forwarded_loads),
-            ("timeouts", self.timeouts),
-            ("dropped_stores", self.dropped_stores),
-            ("queue_full_waits", self.queue_full_waits),
-            ("detached_loads", self.detached_loads),
-            ("stalled_accesses", self.stalled_accesses),
+            &mut self.posted_stores,
+            &mut self.shadow_loads,
+            &mut self.forwarded_loads,
+            &mut self.timeouts,
+            &mut self.dropped_stores,
+            &mut self.queue_full_waits,
+            &mut self.detached_loads,
+            &mut self.stalled_accesses,
         ]
     }
 
+    /// Every counter by name, in the uAPI's order.
+    pub fn counters(&self) -> [(&'static str, u64); 8] {
+        let mut values = *self;
+        let values = values.fields_mut().map(|v| *v);
+        std::array::from_fn(|i| (COUNTERS[i].0, values[i]))
+    }
+
     fn counter_mut(&mut self, name: &str) -> Option<&mut u64> {
-        Some(match name {
-            "posted_stores" => &mut self.posted_stores,
-            "shadow_loads" => &mut self.shadow_loads,
-            "forwarded_loads" => &mut self.forwarded_loads,
-            "timeouts" => &mut self.timeouts,
-            "dropped_stores" => &mut self.dropped_stores,
-            "queue_full_waits" => &mut self.queue_full_waits,
-            "detached_loads" => &mut self.detached_loads,
-            "stalled_accesses" => &mut self.stalled_accesses,
-            _ => return None,
-        })
+        let i = COUNTERS.iter().position(|&(n, _)| n == name)?;
+        self.fields_mut().into_iter().nth(i)
     }
 }
 

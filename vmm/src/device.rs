@@ -69,7 +69,7 @@ pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Dev
     move |source| DeviceError::Kvm { op, source }
 }
 
-pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
     move |source| DeviceError::Io { op, source }
 }
 
@@ -108,7 +108,8 @@ pub struct EmulatedDevice {
 
 const RANGE_BAR0: u16 = emulator::serve::BAR0_RANGE;
 
-fn eventfd() -> Result<EventFd, DeviceError> {
+/// An eventfd for an irqfd: close-on-exec, non-blocking.
+pub(crate) fn eventfd() -> Result<EventFd, DeviceError> {
     EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(io("eventfd"))
 }
 

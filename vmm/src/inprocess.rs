@@ -4,11 +4,11 @@
 
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use emulator::model::{DeviceModel, Env};
 
-use crate::device::{io, kvm_err, DeviceError};
+use crate::device::{eventfd, kvm_err, DeviceError};
 
 pub struct InProcessDevice {
     model: Box<dyn DeviceModel>,
@@ -41,7 +41,7 @@ impl InProcessDevice {
         intx_gsi: u32,
         msi_gsi: u32,
     ) -> Result<Self, DeviceError> {
-        let msi = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(io("eventfd"))?;
+        let msi = eventfd()?;
         vm.register_irqfd(&msi, msi_gsi)
             .map_err(kvm_err("KVM_IRQFD"))?;
         Ok(InProcessDevice {
