@@ -69,6 +69,11 @@ impl Proc {
         })
     }
 
+    /// What it is, for messages.
+    pub fn role(&self) -> &'static str {
+        self.role
+    }
+
     /// Its stdout, if the caller piped it and has not taken it yet.
     pub fn take_stdout(&mut self) -> Option<ChildStdout> {
         self.child.stdout.take()

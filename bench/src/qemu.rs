@@ -544,7 +544,6 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
 
 /// A QEMU process (killed and reaped when dropped) and its log.
 struct Qemu {
-    role: &'static str,
     proc: Proc,
     command: String,
     /// Its stdout and stderr.
@@ -567,12 +566,7 @@ impl Qemu {
         let mut cmd = Command::new(qemu);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         let proc = Proc::spawn(role, cmd, inherit).with_context(|| command.clone())?;
-        Ok(Qemu {
-            role,
-            proc,
-            command,
-            log,
-        })
+        Ok(Qemu { proc, command, log })
     }
 
     /// Its output so far.
@@ -584,7 +578,7 @@ impl Qemu {
     fn report(&self) -> String {
         format!(
             "--- {} ({}): {}\n--- its stderr, last lines:\n{}",
-            self.role,
+            self.proc.role(),
             self.proc.ending(),
             self.command,
             tail(&self.log())
