@@ -8,7 +8,7 @@
 //! never finds the device busy. Every load is free of side effects, so all
 //! registers are published in the shadow image.
 
-use crate::model::{DeviceModel, Env, PciIdentity, ShadowRegister};
+use crate::model::{DeviceModel, Env, PciIdentity, Placement, ShadowRegister};
 use edu_regs as regs;
 use userdev::Sizes;
 
@@ -184,8 +184,8 @@ impl Edu {
 }
 
 impl DeviceModel for Edu {
-    fn identity(&self) -> PciIdentity {
-        IDENTITY
+    fn placement(&self) -> Placement {
+        Placement::Pci(IDENTITY)
     }
 
     fn load(&mut self, _env: &mut dyn Env, offset: u64, len: u8) -> u64 {
@@ -303,6 +303,7 @@ mod tests {
         fn publish(&mut self, offset: u64, _len: u8, value: u64) {
             self.shadow.insert(offset, value);
         }
+        fn console_out(&mut self, _bytes: &[u8]) {}
     }
 
     fn setup() -> (Edu, FakeEnv) {

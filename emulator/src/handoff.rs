@@ -1,7 +1,8 @@
 //! What the VMM hands an emulator at start, and tells it later.
 //!
 //! One `SOCK_SEQPACKET` pair per emulator: the VMM sends one setup message
-//! with the descriptors attached (`SCM_RIGHTS`), then control messages
+//! with the descriptors attached (`SCM_RIGHTS`, in the order of
+//! [`SetupFds`]), then control messages
 //! (the guest enabled or disabled MSI). Messages are short text, one
 //! `key value...` per line, so that a trace of the socket reads plainly.
 //! The emulator takes them from its VMM, which it trusts; what it does not
@@ -16,8 +17,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MAGIC: &str = "kvm-userdev-setup 1";
 const MAX_MESSAGE: usize = 4096;
-/// Backend, memory, INTx pair, MSI vectors.
-pub const MAX_FDS: usize = 4 + MAX_MSI_VECTORS;
+/// Backend, memory, INTx pair, ISA irqfd, MSI vectors, console pair.
+pub const MAX_FDS: usize = 2 + 2 + 1 + MAX_MSI_VECTORS + 2;
 pub const MAX_MSI_VECTORS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +42,14 @@ pub struct MemRegion {
 /// The setup message, without its descriptors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Setup {
-    /// Which device model to run (`edu`).
+    /// Which device model to run (`edu`, `uart16550a`).
     pub model: String,
     pub memory: Vec<MemRegion>,
     /// INTx irqfd and its resample fd are attached.
     pub intx: bool,
+    /// An ISA interrupt's irqfd is attached: edge semantics, one write per
+    /// rising edge of the device's interrupt output.
+    pub isa_irq: bool,
     /// MSI irqfds attached, one per vector.
     pub msi_vectors: u32,
     /// Whether the guest has MSI enabled right now.
@@ -57,6 +61,9 @@ pub struct Setup {
     pub forward: Vec<u64>,
     /// How guest accesses arrive.
     pub transport: Transport,
+    /// Console input (a non-blocking readable fd, a pipe the VMM feeds) and
+    /// console output (a writable fd) are attached.
+    pub console: bool,
 }
 
 /// How guest accesses reach the emulator.
@@ -76,7 +83,11 @@ pub struct SetupFds {
     pub memory: OwnedFd,
     /// (irqfd, resample fd)
     pub intx: Option<(OwnedFd, OwnedFd)>,
+    /// The ISA interrupt's irqfd.
+    pub isa_irq: Option<OwnedFd>,
     pub msi: Vec<OwnedFd>,
+    /// (console input, console output)
+    pub console: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// A message after the setup.
@@ -124,11 +135,13 @@ impl Setup {
             );
         }
         s += &format!(
-            "intx {}\nmsi-vectors {}\nmsi-enabled {}\nshadow {}\n",
+            "intx {}\nisa-irq {}\nmsi-vectors {}\nmsi-enabled {}\nshadow {}\nconsole {}\n",
             flag(self.intx),
+            flag(self.isa_irq),
             self.msi_vectors,
             flag(self.msi_enabled),
-            flag(self.shadow)
+            flag(self.shadow),
+            flag(self.console)
         );
         for f in &self.forward {
             s += &format!("forward {f:#x}\n");
@@ -150,11 +163,13 @@ impl Setup {
             model: String::new(),
             memory: Vec::new(),
             intx: false,
+            isa_irq: false,
             msi_vectors: 0,
             msi_enabled: false,
             shadow: true,
             forward: Vec::new(),
             transport: Transport::Ring,
+            console: false,
         };
         for line in lines {
             let mut w = line.split_whitespace();
@@ -179,6 +194,8 @@ impl Setup {
                     file_offset: num(2)?,
                 }),
                 "intx" => setup.intx = one()?,
+                "isa-irq" => setup.isa_irq = one()?,
+                "console" => setup.console = one()?,
                 "msi-vectors" if args.len() == 1 => {
                     setup.msi_vectors = u32::try_from(num(0)?)
                         .ok()
@@ -207,7 +224,10 @@ impl Setup {
 
     /// How many descriptors travel with this setup.
     pub fn fd_count(&self) -> usize {
-        2 + if self.intx { 2 } else { 0 } + self.msi_vectors as usize
+        2 + if self.intx { 2 } else { 0 }
+            + usize::from(self.isa_irq)
+            + self.msi_vectors as usize
+            + if self.console { 2 } else { 0 }
     }
 }
 
@@ -220,7 +240,8 @@ pub fn parse_u64(s: &str) -> Option<u64> {
 }
 
 /// Sends the setup with its descriptors: backend (or access socket), memory,
-/// [INTx irqfd, resample fd,] MSI irqfds.
+/// [INTx irqfd, resample fd,] [ISA irqfd,] MSI irqfds, [console input,
+/// console output].
 pub fn send_setup(
     sock: &UnixDatagram,
     setup: &Setup,
@@ -281,7 +302,7 @@ pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError
     let (len, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw) }.map_err(io::Error::from)?;
     // SAFETY: the first `nfds` entries are descriptors the kernel just
     // installed for us; nothing else owns them.
-    let mut fds: Vec<OwnedFd> = raw[..nfds]
+    let fds: Vec<OwnedFd> = raw[..nfds]
         .iter()
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
@@ -298,23 +319,23 @@ pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError
             setup.fd_count()
         )));
     }
-    let msi = fds.split_off(2 + if setup.intx { 2 } else { 0 });
-    let intx = if setup.intx {
-        let resample = fds.pop().expect("counted");
-        let irqfd = fds.pop().expect("counted");
-        Some((irqfd, resample))
-    } else {
-        None
-    };
-    let memory = fds.pop().expect("counted");
-    let accesses = fds.pop().expect("counted");
+    let mut fds = fds.into_iter();
+    let mut next = || fds.next().expect("counted");
+    let accesses = next();
+    let memory = next();
+    let intx = setup.intx.then(|| (next(), next()));
+    let isa_irq = setup.isa_irq.then(&mut next);
+    let msi = (0..setup.msi_vectors).map(|_| next()).collect();
+    let console = setup.console.then(|| (next(), next()));
     Ok((
         setup,
         SetupFds {
             accesses,
             memory,
             intx,
+            isa_irq,
             msi,
+            console,
         },
     ))
 }
@@ -338,6 +359,8 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
 
     fn setup() -> Setup {
         Setup {
@@ -348,11 +371,26 @@ mod tests {
                 file_offset: 0,
             }],
             intx: true,
+            isa_irq: false,
             msi_vectors: 1,
             msi_enabled: false,
             shadow: true,
             forward: vec![0x20],
             transport: Transport::Ring,
+            console: false,
+        }
+    }
+
+    /// A UART's setup: ISA interrupt and console, no PCI interrupts.
+    fn uart_setup() -> Setup {
+        Setup {
+            model: "uart16550a".into(),
+            intx: false,
+            isa_irq: true,
+            msi_vectors: 0,
+            forward: vec![],
+            console: true,
+            ..setup()
         }
     }
 
@@ -366,6 +404,15 @@ mod tests {
             ..s
         };
         assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
+        let s = uart_setup();
+        assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
+        assert_eq!(s.fd_count(), 5);
+        let all = Setup {
+            intx: true,
+            msi_vectors: MAX_MSI_VECTORS as u32,
+            ..uart_setup()
+        };
+        assert_eq!(all.fd_count(), MAX_FDS);
     }
 
     #[test]
@@ -379,6 +426,8 @@ mod tests {
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nmsi-vectors 33\n",
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nwhat 1\n",
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\ntransport pigeon\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nisa-irq yes\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nconsole 1 1\n",
         ] {
             assert!(Setup::decode(text).is_err(), "{text:?}");
         }
@@ -406,6 +455,33 @@ mod tests {
         assert!(got.intx.is_some());
         assert_eq!(got.msi.len(), 1);
         assert!(send_setup(&a, &setup(), &fds[..4]).is_err());
+
+        // Each descriptor lands in its place: tell them apart by their
+        // inode (a pipe per slot).
+        let pipes: Vec<_> = (0..5).map(|_| std::io::pipe().unwrap()).collect();
+        let fds: Vec<&dyn AsRawFd> = pipes.iter().map(|p| &p.0 as &dyn AsRawFd).collect();
+        send_setup(&a, &uart_setup(), &fds).unwrap();
+        let (s, got) = recv_setup(&b).unwrap();
+        assert_eq!(s, uart_setup());
+        let ino = |f: &dyn AsFd| {
+            std::fs::File::from(f.as_fd().try_clone_to_owned().unwrap())
+                .metadata()
+                .unwrap()
+                .ino()
+        };
+        let want: Vec<u64> = pipes.iter().map(|p| ino(&p.0)).collect();
+        let (input, output) = got.console.as_ref().unwrap();
+        assert!(got.intx.is_none() && got.msi.is_empty());
+        assert_eq!(
+            [
+                ino(&got.accesses),
+                ino(&got.memory),
+                ino(got.isa_irq.as_ref().unwrap()),
+                ino(input),
+                ino(output)
+            ],
+            want[..]
+        );
         drop(a);
         assert!(matches!(recv_setup(&b), Err(HandoffError::Closed)));
     }

@@ -1,20 +1,23 @@
 //! The per-device emulation process behind a `KVM_DEV_TYPE_USER` device.
 //!
 //! The VMM starts `kvm-userdev-emulator` in fresh namespaces and hands it,
-//! over a UNIX socket ([`handoff`]), the backend fd, guest memory and irqfds.
+//! over a UNIX socket ([`handoff`]), the backend fd, guest memory, irqfds
+//! and, for a UART, its console's input and output.
 //! The emulator maps what it needs, enters its [`sandbox`] and then serves
 //! the device ([`serve`]): it consumes guest accesses from the ring in
 //! batches, answers forwarded loads, keeps the shadow image current and
 //! raises interrupts through the irqfds. For comparison it can also take
 //! accesses over a socket from a VMM that handles the exits itself
 //! ([`wire`]). Device models implement
-//! [`model::DeviceModel`]; [`edu::Edu`] follows QEMU's edu device.
+//! [`model::DeviceModel`]; [`edu::Edu`] follows QEMU's edu device,
+//! [`uart::Uart`] is a 16550A serving the guest's serial console.
 
 pub mod edu;
 pub mod handoff;
 pub mod model;
 pub mod sandbox;
 pub mod serve;
+pub mod uart;
 pub mod wire;
 
 /// Writes one line to stderr with a single write, so that the lines of

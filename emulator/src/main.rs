@@ -1,9 +1,11 @@
 //! `kvm-userdev-emulator`: serves one user device for a VMM that started it
 //! in fresh namespaces with the handoff socket as a descriptor.
 //!
-//! Usage: `kvm-userdev-emulator [--socket-fd N] [--poll-us N]`: the handoff
-//! socket's descriptor (default 3); how long to keep watching the ring for
-//! more accesses before going to sleep (default 0: sleep at once). Built with the
+//! Usage: `kvm-userdev-emulator [--socket-fd N] [--poll-us N]
+//! [--trace-accesses]`: the handoff socket's descriptor (default 3); how
+//! long to keep watching the ring for more accesses before going to sleep
+//! (default 0: sleep at once); log every access that reaches the model on
+//! stderr (for debugging a guest's use of the device). Built with the
 //! `sandbox-probe` feature also `--probe open|socket|execve`, which tries
 //! that system call once sandboxed (tests check that it is refused).
 
@@ -16,8 +18,8 @@ use emulator::handoff::{recv_setup, send_ready};
 use emulator::model;
 use emulator::sandbox;
 use emulator::serve::{
-    access_map, map_memory, poll_sources, serve, AccessSource, Intx, Platform, Served, Spin,
-    SHADOW_SIZE,
+    access_map, map_memory, poll_sources, serve, AccessSource, Console, Intx, IsaIrq, Platform,
+    Served, Spin, SHADOW_SIZE,
 };
 use mio::Poll;
 use vmm_sys_util::eventfd::EventFd;
@@ -42,6 +44,9 @@ fn parse_args() -> Result<Args, String> {
                 args.socket_fd = v
                     .parse()
                     .map_err(|_| format!("--socket-fd {v}: not a number"))?;
+            }
+            "--trace-accesses" => {
+                emulator::serve::TRACE.store(true, std::sync::atomic::Ordering::Relaxed)
             }
             "--poll-us" => {
                 let v = it.next().ok_or("--poll-us needs a number")?;
@@ -89,9 +94,15 @@ fn run() -> Result<(), Box<dyn Error>> {
         intx: fds
             .intx
             .map(|(irq, resample)| Intx::new(eventfd(irq), eventfd(resample))),
+        isa: fds.isa_irq.map(|irq| IsaIrq::new(eventfd(irq))),
         msi: fds.msi.into_iter().map(eventfd).collect(),
         msi_enabled: setup.msi_enabled,
+        console: fds
+            .console
+            .map(|(input, output)| Console::new(input, output))
+            .transpose()?,
         irq_errors: 0,
+        console_errors: 0,
     };
     let mut poll = poll_sources(source.accesses(), &control, &platform)?;
     // Calibrated before the sandbox: the clock may need a system call.
@@ -119,7 +130,10 @@ fn run() -> Result<(), Box<dyn Error>> {
             &mut served,
         )?)
     })();
-    let stats = format!("{served} irq_errors={}", platform.irq_errors);
+    let stats = format!(
+        "{served} irq_errors={} console_errors={}",
+        platform.irq_errors, platform.console_errors
+    );
     // Exit without running destructors: close(2) is not on the allow-list.
     match result {
         Ok(exit) => {
@@ -144,12 +158,16 @@ fn enter_sandbox(
 ) -> Result<(), Box<dyn Error>> {
     let mut irqfds: Vec<RawFd> = platform.msi.iter().map(|e| e.as_raw_fd()).collect();
     irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
+    irqfds.extend(platform.isa.as_ref().map(|i| i.irqfd.as_raw_fd()));
+    let console = platform.console.as_ref();
     let report = sandbox::enter(&sandbox::Fds {
         accesses: source.accesses().sandboxed(),
         control: control.as_raw_fd(),
         epoll: poll.as_raw_fd(),
         resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
         irqfds,
+        console_in: console.map(|c| c.input.as_raw_fd()),
+        console_out: console.map(|c| c.output.as_raw_fd()),
     })?;
     emulator::log!(
         "emulator[{model}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",

@@ -61,8 +61,11 @@ pub struct Fds {
     pub control: RawFd,
     pub epoll: RawFd,
     pub resample: Option<RawFd>,
-    /// INTx and MSI irqfds.
+    /// INTx, ISA and MSI irqfds.
     pub irqfds: Vec<RawFd>,
+    /// The console line: read from the input, write to the output.
+    pub console_in: Option<RawFd>,
+    pub console_out: Option<RawFd>,
 }
 
 /// Where guest accesses come from.
@@ -198,6 +201,8 @@ fn limit_resources(fds: &Fds) -> Result<(), SandboxError> {
         .into_iter()
         .chain(fds.resample)
         .chain(fds.irqfds.iter().copied())
+        .chain(fds.console_in)
+        .chain(fds.console_out)
         .max()
         .unwrap_or(2)
         .max(2);
@@ -251,10 +256,11 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     let no_exec = Cond::new(2, Len::Dword, Cmp::MaskedEq(libc::PROT_EXEC as u64), 0)
         .expect("valid condition");
 
-    // Log lines, irqfd triggers, and readiness to the VMM (std sends on a
-    // connected socket with write(2)).
+    // Log lines, irqfd triggers, readiness to the VMM (std sends on a
+    // connected socket with write(2)), console output.
     let mut writers = vec![libc::STDERR_FILENO, fds.control];
     writers.extend(&fds.irqfds);
+    writers.extend(fds.console_out);
     let mut receivers = vec![fds.control];
     let mut rules = BTreeMap::new();
     match fds.accesses {
@@ -280,11 +286,13 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     // Event loop: wait on our epoll instance (mio uses either call).
     rules.insert(libc::SYS_epoll_wait, on_fds(&[fds.epoll]));
     rules.insert(libc::SYS_epoll_pwait, on_fds(&[fds.epoll]));
-    // Irqfd triggers, log lines on stderr, replies to loads.
+    // Irqfd triggers, log lines on stderr, replies to loads, console
+    // output.
     rules.insert(libc::SYS_write, on_fds(&writers));
-    // The INTx resample eventfd.
-    if let Some(fd) = fds.resample {
-        rules.insert(libc::SYS_read, on_fds(&[fd]));
+    // The INTx resample eventfd, console input.
+    let readers: Vec<RawFd> = fds.resample.into_iter().chain(fds.console_in).collect();
+    if !readers.is_empty() {
+        rules.insert(libc::SYS_read, on_fds(&readers));
     }
     // Control messages from the VMM, forwarded accesses (recv(2) is recvfrom on x86-64).
     rules.insert(libc::SYS_recvfrom, on_fds(&receivers));
@@ -357,6 +365,8 @@ mod tests {
             epoll: 5,
             resample: Some(7),
             irqfds: vec![6, 8],
+            console_in: None,
+            console_out: None,
         };
         let rules = allowed(&fds);
         // stderr, the control socket, two irqfds, the backend.
@@ -373,12 +383,31 @@ mod tests {
         assert!(!allowed(&no_intx).contains_key(&libc::SYS_read));
         let socket = Fds {
             accesses: Accesses::Socket(3),
-            ..fds
+            ..fds.clone()
         };
         let rules = allowed(&socket);
         assert!(!rules.contains_key(&libc::SYS_ioctl));
         assert_eq!(rules[&libc::SYS_recvfrom].len(), 2);
         assert_eq!(rules[&libc::SYS_write].len(), 5);
+        filter(rules).unwrap();
+        // A UART: one ISA irqfd, a console, no INTx.
+        let uart = Fds {
+            accesses: Accesses::Ring(3),
+            control: 4,
+            epoll: 5,
+            resample: None,
+            irqfds: vec![6],
+            console_in: Some(9),
+            console_out: Some(10),
+        };
+        let rules = allowed(&uart);
+        // stderr, the control socket, the irqfd, the backend, the console.
+        assert_eq!(rules[&libc::SYS_write].len(), 5);
+        // The console input only.
+        assert_eq!(rules[&libc::SYS_read].len(), 1);
+        assert!(!rules.contains_key(&libc::SYS_writev));
+        assert!(!rules.contains_key(&libc::SYS_readv));
+        assert_eq!(rules.len(), allowed(&fds).len());
         filter(rules).unwrap();
     }
 }

@@ -1,7 +1,8 @@
 //! The emulator's event loop: guest accesses from the backend's ring,
-//! control messages from the VMM, and INTx resampling, on one mio poll.
+//! control messages from the VMM, INTx resampling and console input, on
+//! one mio poll.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -17,14 +18,19 @@ use crate::sandbox;
 use crate::wire;
 use userdev::{Access, Backend, MapEntry, Op, Reply, SeqGaps, Shadow};
 
-/// The range id the VMM gives BAR0.
+/// The range id the VMM gives the device's registers: BAR0 of a PCI
+/// function, the I/O ports of an ISA device.
 pub const BAR0_RANGE: u16 = 0;
-/// The shadow image mirrors BAR0's first page at the same offsets.
+/// The shadow image mirrors range 0's first page at the same offsets.
 pub const SHADOW_SIZE: usize = 4096;
 
 const ACCESSES: Token = Token(0);
 const CONTROL: Token = Token(1);
 const RESAMPLE: Token = Token(2);
+const CONSOLE: Token = Token(3);
+
+/// Log every access that reaches the model (`--trace-accesses`).
+pub static TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// INTx as an irqfd with a resample fd: the line stays high from a trigger
 /// until the guest's EOI, when KVM signals the resample fd; if the device
@@ -45,16 +51,55 @@ impl Intx {
     }
 }
 
+/// An ISA interrupt: a plain irqfd, which pulses an edge-triggered GSI.
+/// One write per rising edge of the device's interrupt output; a second
+/// write while the output stays high would be a second interrupt.
+pub struct IsaIrq {
+    pub irqfd: EventFd,
+    high: bool,
+}
+
+impl IsaIrq {
+    pub fn new(irqfd: EventFd) -> Self {
+        IsaIrq { irqfd, high: false }
+    }
+}
+
+/// The device's console line: bytes it receives come from `input` (a pipe
+/// the VMM feeds, non-blocking), bytes it sends go to `output`.
+pub struct Console {
+    pub input: mio::unix::pipe::Receiver,
+    pub output: std::fs::File,
+}
+
+impl Console {
+    /// Takes over the two descriptors from the handoff. The input is made
+    /// non-blocking here too: the loop must never sleep in read(2).
+    pub fn new(input: OwnedFd, output: OwnedFd) -> io::Result<Self> {
+        let input = mio::unix::pipe::Receiver::from(input);
+        input.set_nonblocking(true)?;
+        Ok(Console {
+            input,
+            output: output.into(),
+        })
+    }
+}
+
 /// The device's world as the emulator process sees it.
 pub struct Platform {
     pub memory: GuestMemoryMmap,
     pub shadow: Option<Shadow>,
     pub intx: Option<Intx>,
+    pub isa: Option<IsaIrq>,
     pub msi: Vec<EventFd>,
     pub msi_enabled: bool,
+    pub console: Option<Console>,
     /// Triggers that failed (the irqfd's counter is full: cannot happen
     /// with KVM consuming it, but never panic on it).
     pub irq_errors: u64,
+    /// Console reads and writes that failed; a failed write loses the rest
+    /// of its bytes.
+    pub console_errors: u64,
 }
 
 impl Platform {
@@ -91,6 +136,12 @@ impl Env for Platform {
     }
 
     fn raise_irq(&mut self) {
+        if let Some(isa) = &mut self.isa {
+            if !isa.high {
+                isa.high = true;
+                Self::trigger(&isa.irqfd, &mut self.irq_errors);
+            }
+        }
         if self.msi_enabled {
             if let Some(fd) = self.msi.first() {
                 Self::trigger(fd, &mut self.irq_errors);
@@ -106,6 +157,10 @@ impl Env for Platform {
         if let Some(intx) = &mut self.intx {
             intx.high = false;
         }
+        // The ISA line's pulse is over already; the next raise is an edge.
+        if let Some(isa) = &mut self.isa {
+            isa.high = false;
+        }
     }
 
     fn publish(&mut self, offset: u64, len: u8, value: u64) {
@@ -118,6 +173,90 @@ impl Env for Platform {
             2 => shadow.write(offset, value as u16),
             _ => shadow.write(offset, value as u8),
         };
+    }
+
+    fn console_out(&mut self, mut bytes: &[u8]) {
+        // Without a console the line goes nowhere.
+        let Some(console) = &self.console else { return };
+        while !bytes.is_empty() {
+            match (&console.output).write(bytes) {
+                Ok(n) if n > 0 => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A full non-blocking output, a reader gone, end of space:
+                // drop the rest rather than stall the device.
+                _ => {
+                    self.console_errors += 1;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Console bytes read from the VMM that the model had no room for yet.
+/// mio reports readiness on edges, so `readable` stays set until a read
+/// finds the pipe empty, also when the loop stops reading for lack of room.
+struct ConsoleInput {
+    buf: [u8; 256],
+    start: usize,
+    end: usize,
+    readable: bool,
+    /// End of file (or an error): stop reading; the guest runs on.
+    closed: bool,
+}
+
+impl Default for ConsoleInput {
+    fn default() -> Self {
+        // Readable until shown otherwise: data may wait from before the
+        // loop started.
+        ConsoleInput {
+            buf: [0; 256],
+            start: 0,
+            end: 0,
+            readable: true,
+            closed: false,
+        }
+    }
+}
+
+impl ConsoleInput {
+    /// Gives the model as many bytes as it has room for, reading the
+    /// console when the buffer runs dry.
+    fn feed(&mut self, platform: &mut Platform, model: &mut dyn DeviceModel) {
+        loop {
+            let room = model.input_room();
+            if room == 0 {
+                return;
+            }
+            if self.start == self.end {
+                let Some(console) = &platform.console else {
+                    return;
+                };
+                if !self.readable || self.closed {
+                    return;
+                }
+                match (&console.input).read(&mut self.buf) {
+                    Ok(0) => {
+                        self.closed = true;
+                        return;
+                    }
+                    Ok(n) => (self.start, self.end) = (0, n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.readable = false;
+                        return;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        platform.console_errors += 1;
+                        self.closed = true;
+                        return;
+                    }
+                }
+            }
+            let n = room.min(self.end - self.start);
+            model.input(platform, &self.buf[self.start..self.start + n]);
+            self.start += n;
+        }
     }
 }
 
@@ -269,6 +408,13 @@ pub fn poll_sources(
             Interest::READABLE,
         )?;
     }
+    if let Some(console) = &platform.console {
+        reg.register(
+            &mut SourceFd(&console.input.as_raw_fd()),
+            CONSOLE,
+            Interest::READABLE,
+        )?;
+    }
     Ok(poll)
 }
 
@@ -323,6 +469,7 @@ pub fn serve(
 ) -> Result<Exit, ServeError> {
     let mut events = Events::with_capacity(8);
     let mut replies = Vec::with_capacity(64);
+    let mut input = ConsoleInput::default();
     loop {
         // Work found while spinning: still collect other events, without
         // sleeping, so that a busy ring does not starve resampling.
@@ -341,6 +488,7 @@ pub fn serve(
             match event.token() {
                 CONTROL if !drain_control(control, platform) => return Ok(Exit::VmmGone),
                 RESAMPLE => resampled = true,
+                CONSOLE => input.readable = true,
                 ACCESSES if event.is_read_closed() => return Ok(Exit::DeviceGone),
                 _ => {}
             }
@@ -352,14 +500,26 @@ pub fn serve(
         }
         let open = match accesses {
             Accesses::Ring(backend) => {
-                match serve_ring(backend, control, platform, model, &mut replies, served) {
+                match serve_ring(
+                    backend,
+                    control,
+                    platform,
+                    model,
+                    &mut input,
+                    &mut replies,
+                    served,
+                ) {
                     Ok(()) => true,
                     Err(userdev::Error::DeviceGone) => false,
                     Err(e) => return Err(e.into()),
                 }
             }
-            Accesses::Socket(socket) => serve_socket(socket, control, platform, model, served)?,
+            Accesses::Socket(socket) => {
+                serve_socket(socket, control, platform, model, &mut input, served)?
+            }
         };
+        // Console input that arrived while the ring was idle.
+        input.feed(platform, model);
         if !open {
             return Ok(Exit::DeviceGone);
         }
@@ -372,12 +532,14 @@ pub fn serve(
 /// Consumes the ring until it is empty. Each batch is applied in full,
 /// shadow-image updates included, before the tail moves past it: KVM
 /// serves a vCPU's loads from the shadow image once its stores are
-/// consumed.
+/// consumed. After each batch, console input the model now has room for
+/// (the guest may have read RBR).
 fn serve_ring(
     backend: &Backend,
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
+    input: &mut ConsoleInput,
     replies: &mut Vec<Reply>,
     served: &mut Served,
 ) -> userdev::Result<()> {
@@ -397,16 +559,18 @@ fn serve_ring(
         if !replies.is_empty() {
             backend.reply(replies)?;
         }
+        input.feed(platform, model);
     }
 }
 
-/// Takes forwarded accesses until none is left; false once the VMM's end
-/// is closed.
+/// Takes forwarded accesses until none is left, feeding console input
+/// after each; false once the VMM's end is closed.
 fn serve_socket(
     socket: &UnixDatagram,
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
+    input: &mut ConsoleInput,
     served: &mut Served,
 ) -> io::Result<bool> {
     // As on the ring: control messages sent before these accesses first.
@@ -431,6 +595,7 @@ fn serve_socket(
             // A VMM that is gone shows as end of file on the next recv.
             let _ = socket.send(&wire::encode_reply(r));
         }
+        input.feed(platform, model);
     }
 }
 
@@ -449,8 +614,20 @@ fn handle(
             a.seq
         );
     }
-    // Only BAR0 is ours; anything else reads all-ones, as an access that
-    // no device claims does.
+    // Only range 0 is ours; anything else reads all-ones, as an access
+    // that no device claims does.
+    if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+        crate::log!(
+            "emulator: trace seq {} vcpu {} {:?} range {} offset {:#x} len {} data {:#x}",
+            a.seq,
+            a.vcpu,
+            a.op,
+            a.range,
+            a.offset,
+            a.len,
+            a.value()
+        );
+    }
     match (a.op, a.range == BAR0_RANGE) {
         (Op::Store, true) => model.store(platform, a.offset, a.len, a.value()),
         (Op::Load, true) => replies.push(Reply::with_value(
@@ -497,4 +674,90 @@ pub fn map_memory(
         })
         .collect();
     GuestMemoryMmap::from_ranges_with_files(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uart::{Uart, FIFO_SIZE};
+    use std::io::{PipeReader, PipeWriter};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// A platform with an ISA irqfd and a console made of two pipes; the
+    /// test's ends are returned: the console's feed and its output.
+    fn platform() -> (Platform, PipeWriter, PipeReader) {
+        let (input, feed) = std::io::pipe().unwrap();
+        let (output_reader, output) = std::io::pipe().unwrap();
+        let platform = Platform {
+            memory: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+            shadow: None,
+            intx: None,
+            isa: Some(IsaIrq::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            msi: Vec::new(),
+            msi_enabled: false,
+            console: Some(Console::new(input.into(), output.into()).unwrap()),
+            irq_errors: 0,
+            console_errors: 0,
+        };
+        (platform, feed, output_reader)
+    }
+
+    fn pulses(p: &Platform) -> u64 {
+        p.isa.as_ref().unwrap().irqfd.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn isa_irq_is_one_write_per_rising_edge() {
+        let (mut p, _, _) = platform();
+        p.raise_irq();
+        p.raise_irq();
+        assert_eq!(pulses(&p), 1);
+        p.lower_irq();
+        assert_eq!(pulses(&p), 0);
+        p.raise_irq();
+        assert_eq!(pulses(&p), 1);
+    }
+
+    #[test]
+    fn console_output_and_input() {
+        let (mut p, mut feed, mut out) = platform();
+        p.console_out(b"hello");
+        let mut buf = [0u8; 5];
+        out.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+
+        let mut uart = Uart::new();
+        let mut input = ConsoleInput::default();
+        // Nothing there yet: the read finds the pipe empty.
+        input.feed(&mut p, &mut uart);
+        assert!(!input.readable);
+        let sent: Vec<u8> = (0..40).collect();
+        feed.write_all(&sent).unwrap();
+        input.readable = true;
+        // 16450 mode: one byte of room; the rest waits on the host side.
+        input.feed(&mut p, &mut uart);
+        assert_eq!(uart.input_room(), 0);
+        let mut got = vec![uart.load(&mut p, 0, 1) as u8];
+        // FIFOs on: sixteen at a time, as the guest makes room.
+        uart.store(&mut p, 2, 1, 0x01);
+        for _ in 0..sent.len() {
+            input.feed(&mut p, &mut uart);
+            assert!(uart.input_room() == 0 || got.len() + FIFO_SIZE > sent.len());
+            while uart.load(&mut p, 5, 1) & 1 != 0 {
+                got.push(uart.load(&mut p, 0, 1) as u8);
+            }
+            if got.len() == sent.len() {
+                break;
+            }
+        }
+        assert_eq!(got, sent);
+        assert!(!input.closed);
+        // The hang-up is an event like new data: the loop marks the input
+        // readable.
+        drop(feed);
+        input.readable = true;
+        input.feed(&mut p, &mut uart);
+        assert!(input.closed, "end of file: reading stops");
+        assert_eq!(p.console_errors, 0);
+    }
 }
