@@ -37,6 +37,10 @@ pub enum BootError {
     },
     #[error("payload {0}: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
     NoPvhEntry(String),
+    #[error("kernel {0}: not a bzImage (no setup header)")]
+    NotBzImage(String),
+    #[error("initramfs {0}: does not fit in RAM above the kernel")]
+    InitrdTooBig(String),
     #[error("command line longer than {CMDLINE_MAX} bytes")]
     Cmdline,
     #[error("writing boot data to guest memory: {0}")]
@@ -98,12 +102,12 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
-/// The PVH entry state: 32-bit protected mode, flat segments, paging and
-/// interrupts off.
-pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), BootError> {
+/// 32-bit protected mode with flat 4 GiB segments, code at selector `cs`
+/// and data at `ds`; paging and interrupts off.
+pub fn set_flat_protected_mode(vcpu: &VcpuFd, cs: u16, ds: u16) -> Result<(), BootError> {
     let mut sregs = vcpu.get_sregs()?;
-    sregs.cs = flat_segment(0x08, 0xb); // execute/read, accessed
-    let data = flat_segment(0x10, 0x3); // read/write, accessed
+    sregs.cs = flat_segment(cs, 0xb); // execute/read, accessed
+    let data = flat_segment(ds, 0x3); // read/write, accessed
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -113,6 +117,13 @@ pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), BootError> {
     sregs.cr4 = 0;
     sregs.efer = 0;
     vcpu.set_sregs(&sregs)?;
+    Ok(())
+}
+
+/// The PVH entry state: flat 32-bit protected mode, `%ebx` pointing to the
+/// start info.
+pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), BootError> {
+    set_flat_protected_mode(vcpu, 0x08, 0x10)?;
     let regs = kvm_regs {
         rip: entry,
         rbx: START_INFO,

@@ -95,9 +95,8 @@ pub struct EmulatedDevice {
     spec: EmulatorSpec,
     memory_file: std::fs::File,
     memory: Vec<MemRegion>,
-    intx: EventFd,
-    resample: EventFd,
-    msi: EventFd,
+    irqs: Irqfds,
+    console: Option<Console>,
     state: Mutex<Supervised>,
     ended: Condvar,
     /// Socket transport: the next access's sequence number, and loads
@@ -107,6 +106,58 @@ pub struct EmulatedDevice {
 }
 
 const RANGE_BAR0: u16 = emulator::serve::BAR0_RANGE;
+
+/// How a device's interrupt reaches the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wiring {
+    /// A PCI function: INTx on a level-triggered GSI (an irqfd with a
+    /// resample fd), and one MSI route.
+    Pci { intx_gsi: u32, msi_gsi: u32 },
+    /// An ISA device: an edge-triggered GSI (a plain irqfd, which pulses
+    /// the line).
+    Isa { gsi: u32 },
+}
+
+/// The irqfds registered for a device, by its [`Wiring`].
+enum Irqfds {
+    Pci {
+        intx: EventFd,
+        resample: EventFd,
+        msi: EventFd,
+    },
+    Isa(EventFd),
+}
+
+impl Irqfds {
+    fn register(vm: &VmFd, wiring: Wiring) -> Result<Self, DeviceError> {
+        Ok(match wiring {
+            Wiring::Pci { intx_gsi, msi_gsi } => {
+                let (intx, resample, msi) = (eventfd()?, eventfd()?, eventfd()?);
+                vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)
+                    .map_err(kvm_err("KVM_IRQFD (resample)"))?;
+                vm.register_irqfd(&msi, msi_gsi)
+                    .map_err(kvm_err("KVM_IRQFD"))?;
+                Irqfds::Pci {
+                    intx,
+                    resample,
+                    msi,
+                }
+            }
+            Wiring::Isa { gsi } => {
+                let irq = eventfd()?;
+                vm.register_irqfd(&irq, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+                Irqfds::Isa(irq)
+            }
+        })
+    }
+}
+
+/// A console the device's emulator reads and writes: the read end of a
+/// pipe the VMM feeds from its stdin, and the VMM's stdout.
+pub struct Console {
+    pub input: std::os::fd::OwnedFd,
+    pub output: std::os::fd::OwnedFd,
+}
 
 /// An eventfd for an irqfd: close-on-exec, non-blocking.
 pub(crate) fn eventfd() -> Result<EventFd, DeviceError> {
@@ -122,8 +173,8 @@ impl EmulatedDevice {
         spec: EmulatorSpec,
         memory_file: BorrowedFd<'_>,
         memory: Vec<MemRegion>,
-        intx_gsi: u32,
-        msi_gsi: u32,
+        wiring: Wiring,
+        console: Option<Console>,
     ) -> Result<Arc<Self>, DeviceError> {
         let user_device = match spec.transport {
             Transport::Ring => {
@@ -135,11 +186,7 @@ impl EmulatedDevice {
             }
             Transport::Socket => None,
         };
-        let (intx, resample, msi) = (eventfd()?, eventfd()?, eventfd()?);
-        vm.register_irqfd_with_resample(&intx, &resample, intx_gsi)
-            .map_err(kvm_err("KVM_IRQFD (resample)"))?;
-        vm.register_irqfd(&msi, msi_gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        let irqs = Irqfds::register(vm, wiring)?;
         let memory_file = std::fs::File::from(
             memory_file
                 .try_clone_to_owned()
@@ -151,9 +198,8 @@ impl EmulatedDevice {
             spec,
             memory_file,
             memory,
-            intx,
-            resample,
-            msi,
+            irqs,
+            console,
             state: Mutex::new(Supervised {
                 child: None,
                 control: None,
@@ -168,15 +214,15 @@ impl EmulatedDevice {
         }))
     }
 
-    /// Places BAR0 at `addr` (moving it if needed) or, with `None`,
-    /// removes it.
-    pub fn set_bar0(&self, addr: Option<u64>, size: u64) -> Result<(), DeviceError> {
-        // Without a user device, BAR0 accesses simply exit to the VMM.
+    /// Places the device's window (BAR0, or its fixed ports) at `range`
+    /// (moving it if needed) or, with `None`, removes it.
+    pub fn set_window(&self, range: Option<Range>) -> Result<(), DeviceError> {
+        // Without a user device, accesses simply exit to the VMM.
         let Some(device) = &self.user_device else {
             return Ok(());
         };
-        match addr {
-            Some(a) => device.set_range(RANGE_BAR0, Range::mmio(a, size))?,
+        match range {
+            Some(r) => device.set_range(RANGE_BAR0, r)?,
             None => device.remove_range(RANGE_BAR0)?,
         }
         Ok(())
@@ -317,23 +363,32 @@ impl EmulatedDevice {
         let child = spawn::spawn(&self.spec.program, &self.spec.args, &theirs)
             .map_err(io("start emulator"))?;
         drop(theirs);
+        let pci = matches!(self.irqs, Irqfds::Pci { .. });
         let setup = Setup {
             model: self.spec.model.clone(),
             memory: self.memory.clone(),
-            intx: true,
-            msi_vectors: 1,
+            intx: pci,
+            isa_irq: !pci,
+            msi_vectors: pci.into(),
             msi_enabled: st.msi_enabled,
             shadow: self.spec.shadow,
             forward: self.spec.forward.clone(),
             transport: self.spec.transport,
+            console: self.console.is_some(),
         };
-        let fds: [&dyn AsRawFd; 5] = [
-            &accesses,
-            &self.memory_file,
-            &self.intx,
-            &self.resample,
-            &self.msi,
-        ];
+        // In the order the handoff defines.
+        let mut fds: Vec<&dyn AsRawFd> = vec![&accesses, &self.memory_file];
+        match &self.irqs {
+            Irqfds::Pci {
+                intx,
+                resample,
+                msi,
+            } => fds.extend([intx as &dyn AsRawFd, resample, msi]),
+            Irqfds::Isa(irq) => fds.push(irq),
+        }
+        if let Some(c) = &self.console {
+            fds.extend([&c.input as &dyn AsRawFd, &c.output]);
+        }
         // If the emulator died already, the send fails or goes nowhere; the
         // supervisor reports its end either way.
         if let Err(e) = handoff::send_setup(&ours, &setup, &fds) {

@@ -8,7 +8,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use emulator::model::{DeviceModel, Env};
 
-use crate::device::{eventfd, kvm_err, DeviceError};
+use std::io::Write;
+
+use crate::device::{eventfd, kvm_err, Console, DeviceError, Wiring};
 
 pub struct InProcessDevice {
     model: Box<dyn DeviceModel>,
@@ -18,13 +20,18 @@ pub struct InProcessDevice {
 /// The model's surroundings, apart from the VM fd that each access lends.
 struct World {
     memory: GuestMemoryMmap,
-    /// Registered as an irqfd for the MSI route.
-    msi: EventFd,
+    /// Registered as an irqfd for the MSI route (a PCI device's).
+    msi: Option<EventFd>,
     msi_enabled: bool,
-    /// INTx is driven with KVM_IRQ_LINE: level-triggered, no resampling
-    /// needed when the VMM itself knows the level.
-    intx_gsi: u32,
-    intx_high: bool,
+    /// The interrupt line, driven with KVM_IRQ_LINE: a PCI device's INTx is
+    /// level-triggered, and needs no resampling when the VMM itself knows
+    /// the level; an ISA device's line is edge-triggered, pulsed as it
+    /// rises.
+    line_gsi: u32,
+    edge: bool,
+    line_high: bool,
+    /// Where the device's console output goes.
+    console: Option<std::fs::File>,
     irq_errors: u64,
 }
 
@@ -38,20 +45,31 @@ impl InProcessDevice {
         vm: &VmFd,
         model: Box<dyn DeviceModel>,
         memory: GuestMemoryMmap,
-        intx_gsi: u32,
-        msi_gsi: u32,
+        wiring: Wiring,
+        console: Option<Console>,
     ) -> Result<Self, DeviceError> {
-        let msi = eventfd()?;
-        vm.register_irqfd(&msi, msi_gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        let (msi, line_gsi, edge) = match wiring {
+            Wiring::Pci { intx_gsi, msi_gsi } => {
+                let msi = eventfd()?;
+                vm.register_irqfd(&msi, msi_gsi)
+                    .map_err(kvm_err("KVM_IRQFD"))?;
+                (Some(msi), intx_gsi, false)
+            }
+            Wiring::Isa { gsi } => (None, gsi, true),
+        };
+        // Console input would need a thread of its own feeding the model;
+        // the in-process variant serves output only (the benchmark's case).
+        let console = console.map(|c| std::fs::File::from(c.output));
         Ok(InProcessDevice {
             model,
             world: World {
                 memory,
                 msi,
                 msi_enabled: false,
-                intx_gsi,
-                intx_high: false,
+                line_gsi,
+                edge,
+                line_high: false,
+                console,
                 irq_errors: 0,
             },
         })
@@ -84,9 +102,8 @@ impl InProcessDevice {
 }
 
 impl InProcessEnv<'_> {
-    fn set_intx(&mut self, high: bool) {
-        self.world.intx_high = high;
-        if self.vm.set_irq_line(self.world.intx_gsi, high).is_err() {
+    fn set_line(&mut self, high: bool) {
+        if self.vm.set_irq_line(self.world.line_gsi, high).is_err() {
             self.world.irq_errors += 1;
         }
     }
@@ -108,18 +125,39 @@ impl Env for InProcessEnv<'_> {
     }
 
     fn raise_irq(&mut self) {
-        if self.world.msi_enabled {
-            if self.world.msi.write(1).is_err() {
-                self.world.irq_errors += 1;
+        match &self.world.msi {
+            Some(msi) if self.world.msi_enabled => {
+                if msi.write(1).is_err() {
+                    self.world.irq_errors += 1;
+                }
             }
-        } else {
-            self.set_intx(true);
+            _ if self.world.edge => {
+                if !self.world.line_high {
+                    self.world.line_high = true;
+                    self.set_line(true);
+                    self.set_line(false);
+                }
+            }
+            _ => {
+                self.world.line_high = true;
+                self.set_line(true);
+            }
         }
     }
 
     fn lower_irq(&mut self) {
-        if self.world.intx_high {
-            self.set_intx(false);
+        if self.world.line_high {
+            self.world.line_high = false;
+            if !self.world.edge {
+                self.set_line(false);
+            }
+        }
+    }
+
+    fn console_out(&mut self, bytes: &[u8]) {
+        // A closed stdout loses the output, and nothing else.
+        if let Some(out) = &mut self.world.console {
+            let _ = out.write_all(bytes);
         }
     }
 

@@ -1,25 +1,31 @@
-//! The VM: RAM, the in-kernel irqchip, one vCPU, PCI bus 0 with one device
-//! per entry of the configuration, and the vCPU loop. With user devices
-//! (the normal case) that loop only sees the slow path (PCI configuration,
-//! the debug ports, stray MMIO); the classic paths kept for comparison,
-//! a model inside the VMM or accesses forwarded over a socket, are served
-//! from it.
+//! The VM: RAM, the in-kernel irqchip and PIT, one or more vCPUs, PCI bus 0
+//! with a function per PCI device of the configuration, ISA devices at
+//! their fixed ports, and the vCPU loops. With user devices (the normal
+//! case) those loops only see the slow path (PCI configuration, the debug
+//! ports, stray MMIO); the classic paths kept for comparison, a model
+//! inside the VMM or accesses forwarded over a socket, are served from
+//! them.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
-use userdev::Op;
+use userdev::{Op, Range};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use crate::device::{DeviceError, EmulatedDevice, EmulatorSpec};
+use crate::device::{DeviceError, EmulatedDevice, EmulatorSpec, Wiring};
 use crate::inprocess::InProcessDevice;
+use crate::linux::{self, Linux};
 use crate::memory::Ram;
+use crate::mptable::{self, PciIrq};
 use crate::pci::{self, Function};
-use crate::{boot, irq};
+use crate::{boot, console, irq};
 use emulator::handoff::Transport;
+use emulator::model::Placement;
 
 /// Console: bytes written to this port go to stdout (QEMU's debugcon).
 pub const DEBUGCON_PORT: u16 = 0xe9;
@@ -30,12 +36,34 @@ pub const EXIT_PORT: u16 = 0x501;
 /// kills that device's emulator and returns once it has ended.
 pub const CONTROL_PORT: u16 = 0x502;
 const CONTROL_KILL: u32 = 1;
+/// The i8042 keyboard controller's command port: command 0xfe pulses the
+/// reset line, the way Linux reboots a PC without ACPI.
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// Where the VMM places PCI devices' BAR0 before a Linux guest starts, as
+/// firmware would: the guest keeps what it finds.
+const PCI_MMIO_BASE: u64 = 0xe000_0000;
+
+/// What the machine runs.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// A PVH ELF payload (the project's freestanding guests).
+    Pvh { payload: PathBuf },
+    /// A Linux bzImage, with an initramfs.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+    },
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub payload: PathBuf,
+    pub boot: Boot,
     pub cmdline: String,
     pub ram_mib: u64,
+    /// vCPUs; more than one needs [`Boot::Linux`] (the MP table).
+    pub cpus: u8,
     /// One device per entry.
     pub devices: Vec<EmulatorSpec>,
     pub serve: Serve,
@@ -84,6 +112,8 @@ pub enum MachineError {
     Memory(#[source] std::io::Error),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
     #[error("device {index}: {source}")]
     Device {
         index: usize,
@@ -92,10 +122,16 @@ pub enum MachineError {
     },
     #[error("device {index}: no device model called {model:?}")]
     UnknownModel { index: usize, model: String },
+    #[error("device {index}: only one device can have the console")]
+    SecondConsole { index: usize },
+    #[error("{0} vCPUs: a PVH payload runs on one; boot Linux for more")]
+    Cpus(u8),
     #[error("this kernel has no KVM_DEV_TYPE_USER (boot the patched kernel: cargo xtask vm)")]
     NoUserDevice,
     #[error("the guest {0}")]
     Guest(String),
+    #[error("the guest did not finish within {}s", .0.as_secs())]
+    Timeout(Duration),
 }
 
 /// Names the KVM call that failed.
@@ -110,28 +146,72 @@ pub enum Server {
     InProcess(InProcessDevice),
 }
 
-/// A device and where it sits on the bus.
+/// Where a device decodes guest accesses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Window {
+    Mmio { base: u64, len: u64 },
+    Pio { base: u16, len: u16 },
+}
+
+impl Window {
+    fn range(self) -> Range {
+        match self {
+            Window::Mmio { base, len } => Range::mmio(base, len),
+            Window::Pio { base, len } => Range::pio(base, len.into()),
+        }
+    }
+
+    /// The offset of a `bus` access at `addr` in this window, if it hits.
+    fn offset(self, pio: bool, addr: u64) -> Option<u64> {
+        let (base, len, is_pio) = match self {
+            Window::Mmio { base, len } => (base, len, false),
+            Window::Pio { base, len } => (base.into(), len.into(), true),
+        };
+        (is_pio == pio && (base..base + len).contains(&addr)).then(|| addr - base)
+    }
+}
+
+/// A device and where it sits.
 pub struct Slot {
     pub name: String,
     pub server: Server,
-    pub pci_device: u8,
-    bar0: Option<u64>,
+    /// Its device number on PCI bus 0 (none for an ISA device).
+    pub pci_device: Option<u8>,
+    /// Where it decodes now: an ISA device's ports, a PCI function's BAR0
+    /// once placed and enabled.
+    window: Option<Window>,
     bar0_size: u64,
+    /// A PCI function's INTA: the GSI (an I/O APIC pin) it is wired to.
+    intx_gsi: Option<u32>,
     msi: Option<pci::MsiMessage>,
     msi_gsi: u32,
 }
 
-pub struct Machine {
-    // Fields drop in declaration order: the vCPU, the devices and the VM go
-    // before the memory their memslots and emulators point into.
-    vcpu: VcpuFd,
+/// What every vCPU thread reaches: the bus and the devices.
+pub struct Devices {
     bus: pci::Bus,
     pub slots: Vec<Slot>,
+}
+
+/// The VM's parts that outlive the vCPU threads that use them. Fields drop
+/// in declaration order: the devices and the VM go before the memory
+/// their memslots and emulators point into.
+struct Shared {
+    devices: Mutex<Devices>,
     _doorbell: Option<EventFd>,
     vm: VmFd,
     _kvm: Kvm,
     _ram: Ram,
 }
+
+pub struct Machine {
+    /// Taken by [`Machine::run`], each into a thread of its own.
+    vcpus: Vec<VcpuFd>,
+    shared: Arc<Shared>,
+}
+
+/// How a vCPU thread ended.
+type VcpuEnd = (usize, Result<u32, MachineError>);
 
 impl Machine {
     pub fn new(config: &Config) -> Result<Self, MachineError> {
@@ -140,117 +220,257 @@ impl Machine {
         if config.serve == Serve::User && !userdev::UserDevice::probe(&vm) {
             return Err(MachineError::NoUserDevice);
         }
+        let linux = matches!(config.boot, Boot::Linux { .. });
+        if config.cpus == 0 || (config.cpus > 1 && !linux) {
+            return Err(MachineError::Cpus(config.cpus));
+        }
         vm.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let ram = Ram::new(&vm, config.ram_mib << 20).map_err(MachineError::Memory)?;
-        let entry = boot::load(&ram.memory, &config.payload, &config.cmdline)?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        boot::setup_vcpu(&vcpu, entry)?;
+        if linux {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        let ram_size = config.ram_mib << 20;
+        let ram = Ram::new(&vm, ram_size).map_err(MachineError::Memory)?;
 
-        let mut bus = pci::Bus::new();
-        bus.add(Function::host_bridge());
-        let mut slots = Vec::new();
+        let mut devices = Devices {
+            bus: pci::Bus::new(),
+            slots: Vec::new(),
+        };
+        devices.bus.add(Function::host_bridge());
+        let mut console = None;
         for (index, spec) in config.devices.iter().enumerate() {
-            slots.push(add_device(&vm, &ram, &mut bus, config.serve, index, spec)?);
+            let slot = add_device(
+                &vm,
+                &ram,
+                &mut devices.bus,
+                config.serve,
+                index,
+                spec,
+                &mut console,
+            )?;
+            devices.slots.push(slot);
         }
         let doorbell = match config.doorbell {
             Some(addr) => Some(doorbell(&vm, addr)?),
             None => None,
         };
         irq::set_routing(&vm, &[]).map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
+
+        let vcpus = create_vcpus(&kvm, &vm, config.cpus)?;
+        match &config.boot {
+            Boot::Pvh { payload } => {
+                let entry = boot::load(&ram.memory, payload, &config.cmdline)?;
+                boot::setup_vcpu(&vcpus[0], entry)?;
+            }
+            Boot::Linux { kernel, initrd } => {
+                let pci: Vec<PciIrq> = devices
+                    .slots
+                    .iter()
+                    .filter_map(|s| {
+                        Some(PciIrq {
+                            device: s.pci_device?,
+                            pin: s.intx_gsi? as u8,
+                        })
+                    })
+                    .collect();
+                mptable::write(&ram.memory, vcpus.len(), &pci)?;
+                let entry = linux::load(
+                    &ram.memory,
+                    ram_size,
+                    &Linux {
+                        kernel,
+                        initrd: initrd.as_deref(),
+                        cmdline: &config.cmdline,
+                    },
+                )?;
+                linux::setup_boot_cpu(&vcpus[0], entry)?;
+                devices.place_bars(&vm);
+            }
+        }
         Ok(Machine {
-            vcpu,
-            bus,
-            slots,
-            _doorbell: doorbell,
-            vm,
-            _kvm: kvm,
-            _ram: ram,
+            vcpus,
+            shared: Arc::new(Shared {
+                devices: Mutex::new(devices),
+                _doorbell: doorbell,
+                vm,
+                _kvm: kvm,
+                _ram: ram,
+            }),
         })
     }
 
-    /// Runs the guest until it writes the exit port; returns that value.
-    pub fn run(&mut self) -> Result<u32, MachineError> {
-        let mut out = std::io::stdout().lock();
+    /// The devices, for their counters.
+    pub fn devices(&self) -> MutexGuard<'_, Devices> {
+        self.shared.devices.lock().expect("devices lock")
+    }
+
+    /// Runs the guest until a vCPU writes the exit port (returns that
+    /// value), a vCPU fails, or `timeout` passes. The other vCPU threads are
+    /// left running: the caller ends the process.
+    pub fn run(&mut self, timeout: Option<Duration>) -> Result<u32, MachineError> {
+        let (tx, rx) = mpsc::channel::<VcpuEnd>();
+        for (index, mut vcpu) in self.vcpus.drain(..).enumerate() {
+            let shared = self.shared.clone();
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let end = shared.run_vcpu(&mut vcpu);
+                    let _ = tx.send((index, end));
+                    // Keep the vCPU (and its memory) until the process ends.
+                    std::mem::forget(vcpu);
+                })
+                .map_err(|source| MachineError::Io {
+                    op: "vCPU thread",
+                    source,
+                })?;
+        }
+        drop(tx);
+        let end = match timeout {
+            Some(t) => rx.recv_timeout(t).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => MachineError::Timeout(t),
+                mpsc::RecvTimeoutError::Disconnected => {
+                    MachineError::Guest("lost every vCPU".into())
+                }
+            })?,
+            None => rx
+                .recv()
+                .map_err(|_| MachineError::Guest("lost every vCPU".into()))?,
+        };
+        match end {
+            (_, Ok(status)) => Ok(status),
+            (index, Err(e)) => Err(MachineError::Guest(format!("vCPU {index}: {e}"))),
+        }
+    }
+}
+
+/// vCPUs 0..count, each with CPUID naming its APIC id. vCPU 0 is the boot
+/// CPU; with the in-kernel LAPIC the others wait for INIT and SIPI.
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<Vec<VcpuFd>, MachineError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    (0..count)
+        .map(|index| {
+            let vcpu = vm
+                .create_vcpu(index.into())
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&linux::cpuid_for(&cpuid, index, count))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            Ok(vcpu)
+        })
+        .collect()
+}
+
+impl Shared {
+    fn devices(&self) -> MutexGuard<'_, Devices> {
+        self.devices.lock().expect("devices lock")
+    }
+
+    /// One vCPU's loop, until the guest writes the exit port or fails.
+    fn run_vcpu(&self, vcpu: &mut VcpuFd) -> Result<u32, MachineError> {
         loop {
-            match self.vcpu.run().map_err(kvm_err("KVM_RUN"))? {
-                VcpuExit::IoOut(port, data) => match port {
-                    DEBUGCON_PORT => {
-                        let _ = out.write_all(data);
-                        if data.contains(&b'\n') {
-                            let _ = out.flush();
-                        }
-                    }
-                    EXIT_PORT => {
-                        let _ = out.flush();
-                        return Ok(pci::le(data));
-                    }
-                    CONTROL_PORT => {
-                        let value = pci::le(data);
-                        self.control(value)
-                    }
-                    pci::CONFIG_ADDRESS..=0xcff => {
-                        let data = data.to_vec();
-                        if let Some(dev) = self.bus.write_target(port, data.len()) {
-                            self.drain(dev);
-                        }
-                        if let Some(dev) = self.bus.io_write(port, &data) {
-                            self.config_changed(dev);
-                        }
-                    }
-                    _ => {}
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => {
+                    return Err(MachineError::Kvm {
+                        op: "KVM_RUN",
+                        source,
+                    })
+                }
+            };
+            let failure = match exit {
+                VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) => {
+                    "reset itself (i8042 reset pulse)".to_string()
+                }
+                VcpuExit::IoOut(port, data) => match self.io_out(port, data) {
+                    Some(status) => return Ok(status),
+                    None => continue,
                 },
-                VcpuExit::IoIn(port, data) => match port {
-                    pci::CONFIG_ADDRESS..=0xcff => self.bus.io_read(port, data),
-                    _ => data.fill(0xff),
-                },
+                VcpuExit::IoIn(port, data) => {
+                    self.io_in(port, data);
+                    continue;
+                }
                 VcpuExit::MmioRead(addr, data) => {
-                    let value = mmio(&mut self.slots, &self.vm, addr, data.len(), None);
+                    let value = self
+                        .devices()
+                        .access(&self.vm, false, addr, data.len(), None);
                     let n = data.len().min(8);
                     data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+                    continue;
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     let value = pci::le64(data);
-                    mmio(&mut self.slots, &self.vm, addr, data.len(), Some(value));
+                    let len = data.len();
+                    self.devices()
+                        .access(&self.vm, false, addr, len, Some(value));
+                    continue;
                 }
-                VcpuExit::Hlt => {
-                    return Err(MachineError::Guest("halted with interrupts off".into()))
-                }
-                VcpuExit::Shutdown => {
-                    let state = self.vcpu_state();
-                    return Err(MachineError::Guest(format!(
-                        "shut down (triple fault?); {state}"
-                    )));
-                }
-                other => {
-                    return Err(MachineError::Guest(format!(
-                        "made an unexpected exit: {other:?}"
-                    )))
-                }
-            }
+                VcpuExit::Hlt => "halted with interrupts off".to_string(),
+                VcpuExit::Shutdown => "shut down (triple fault, or a reset)".to_string(),
+                other => format!("made an unexpected exit: {other:?}"),
+            };
+            // Only the exits that end the guest get here.
+            return Err(MachineError::Guest(format!(
+                "{failure}; {}",
+                vcpu_state(vcpu)
+            )));
         }
     }
 
-    /// The registers that tell where a guest went wrong.
-    fn vcpu_state(&self) -> String {
-        match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
-            (Ok(r), Ok(s)) => format!(
-                "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x} cs {:#x}",
-                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
-            ),
-            _ => "registers unreadable".into(),
+    /// A port store; the exit status if it was the exit port's.
+    fn io_out(&self, port: u16, data: &[u8]) -> Option<u32> {
+        match port {
+            DEBUGCON_PORT => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(data);
+                if data.contains(&b'\n') {
+                    let _ = out.flush();
+                }
+            }
+            EXIT_PORT => {
+                let _ = std::io::stdout().flush();
+                return Some(pci::le(data));
+            }
+            CONTROL_PORT => self.control(pci::le(data)),
+            pci::CONFIG_ADDRESS..=0xcff => self.devices().config_write(&self.vm, port, data),
+            _ => {
+                let value = u64::from(pci::le(data));
+                self.devices()
+                    .access(&self.vm, true, port.into(), data.len(), Some(value));
+            }
+        }
+        None
+    }
+
+    /// A port load.
+    fn io_in(&self, port: u16, data: &mut [u8]) {
+        match port {
+            pci::CONFIG_ADDRESS..=0xcff => self.devices().bus.io_read(port, data),
+            _ => {
+                let value = self
+                    .devices()
+                    .access(&self.vm, true, port.into(), data.len(), None);
+                let n = data.len().min(8);
+                data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+            }
         }
     }
 
     fn control(&self, value: u32) {
         let (command, index) = (value >> 8, (value & 0xff) as usize);
-        let slot = self.slots.get(index);
-        match (command, slot.map(|s| &s.server)) {
-            (CONTROL_KILL, Some(Server::Emulator(dev))) => {
+        // Not under the devices lock: killing waits for the emulator's end.
+        let device = match self.devices().slots.get(index).map(|s| &s.server) {
+            Some(Server::Emulator(dev)) => Some(dev.clone()),
+            _ => None,
+        };
+        match (command, device) {
+            (CONTROL_KILL, Some(dev)) => {
                 eprintln!("vmm: guest asks to kill the emulator of {}", dev.name);
                 if let Err(e) = dev.kill_emulator() {
                     eprintln!("vmm: {}: {e}", dev.name);
@@ -259,12 +479,56 @@ impl Machine {
             _ => eprintln!("vmm: unknown control request {value:#x}"),
         }
     }
+}
+
+/// The registers that tell where a guest went wrong.
+fn vcpu_state(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x} cs {:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
+        ),
+        _ => "registers unreadable".into(),
+    }
+}
+
+impl Devices {
+    /// A write to the configuration mechanism's ports.
+    fn config_write(&mut self, vm: &VmFd, port: u16, data: &[u8]) {
+        if let Some(dev) = self.bus.write_target(port, data.len()) {
+            self.drain(dev);
+        }
+        if let Some(dev) = self.bus.io_write(port, data) {
+            self.config_changed(vm, dev);
+        }
+    }
+
+    /// Gives every PCI function's BAR0 an address and turns memory decoding
+    /// on, as firmware does before it starts an operating system.
+    fn place_bars(&mut self, vm: &VmFd) {
+        let mut next = PCI_MMIO_BASE;
+        let functions: Vec<(u8, u64)> = self
+            .slots
+            .iter()
+            .filter_map(|s| Some((s.pci_device?, s.bar0_size)))
+            .collect();
+        for (dev, size) in functions {
+            next = next.next_multiple_of(size);
+            let select = 0x8000_0000u32 | u32::from(dev) << 11;
+            for (offset, value) in [(0x10, next as u32), (0x04, u32::from(pci::COMMAND_MEMORY))] {
+                let address = select | offset;
+                self.config_write(vm, pci::CONFIG_ADDRESS, &address.to_le_bytes());
+                self.config_write(vm, pci::CONFIG_DATA, &value.to_le_bytes());
+            }
+            next += size;
+        }
+    }
 
     /// The guest is about to write device `dev`'s configuration space:
     /// first let its emulator consume the guest's earlier stores to it, so
     /// that the write (decoding turned off, BAR0 moved) does not pass them.
     fn drain(&self, dev: u8) {
-        let slot = self.slots.iter().find(|s| s.pci_device == dev);
+        let slot = self.slots.iter().find(|s| s.pci_device == Some(dev));
         if let Some(Slot {
             server: Server::Emulator(d),
             ..
@@ -276,20 +540,21 @@ impl Machine {
 
     /// The guest wrote device `dev`'s configuration space: follow BAR0 and
     /// MSI.
-    fn config_changed(&mut self, dev: u8) {
-        let Some(i) = self.slots.iter().position(|s| s.pci_device == dev) else {
+    fn config_changed(&mut self, vm: &VmFd, dev: u8) {
+        let Some(i) = self.slots.iter().position(|s| s.pci_device == Some(dev)) else {
             return;
         };
         let function = self.bus.function(dev).expect("slot on the bus");
         let (bar0, size, msi) = (function.bar0(), function.bar0_size(), function.msi());
+        let window = bar0.map(|base| Window::Mmio { base, len: size });
         let slot = &mut self.slots[i];
-        if bar0 != slot.bar0 {
+        if window != slot.window {
             let placed = match &slot.server {
-                Server::Emulator(dev) => dev.set_bar0(bar0, size),
+                Server::Emulator(dev) => dev.set_window(window.map(Window::range)),
                 Server::InProcess(_) => Ok(()),
             };
             match placed {
-                Ok(()) => slot.bar0 = bar0,
+                Ok(()) => slot.window = window,
                 Err(e) => eprintln!("vmm: {}: BAR0 at {bar0:x?}: {e}", slot.name),
             }
         }
@@ -301,7 +566,7 @@ impl Machine {
                 .iter()
                 .filter_map(|s| s.msi.map(|m| (s.msi_gsi, m)))
                 .collect();
-            if let Err(e) = irq::set_routing(&self.vm, &routes) {
+            if let Err(e) = irq::set_routing(vm, &routes) {
                 eprintln!("vmm: GSI routing: {e}");
             }
             if was_enabled != msi.is_some() {
@@ -312,36 +577,36 @@ impl Machine {
             }
         }
     }
-}
 
-/// An MMIO access that exited to the VMM: a store if `store` holds its
-/// data, else a load, whose value is returned. BAR0 of a device served by
-/// exits goes to its model or emulator; anything else decodes nowhere (an
-/// old BAR address, say) and reads all-ones, as an access that no PCI
-/// device claims does.
-fn mmio(slots: &mut [Slot], vm: &VmFd, addr: u64, len: usize, store: Option<u64>) -> u64 {
-    let hit = slots.iter_mut().find_map(|s| {
-        let base = s.bar0?;
-        (base..base + s.bar0_size)
-            .contains(&addr)
-            .then(|| (addr - base, &mut s.server))
-    });
-    let len = len as u8;
-    match (hit, store) {
-        (Some((offset, Server::InProcess(dev))), None) => dev.load(vm, offset, len),
-        (Some((offset, Server::InProcess(dev))), Some(data)) => {
-            dev.store(vm, offset, len, data);
-            0
+    /// An access that exited to the VMM, on the port bus if `pio`: a store
+    /// if `store` holds its data, else a load, whose value is returned. A
+    /// device served by exits gets it from its model or emulator; anything
+    /// else decodes nowhere (an old BAR address, a port nobody has) and
+    /// reads all-ones, as an access that no device claims does.
+    fn access(&mut self, vm: &VmFd, pio: bool, addr: u64, len: usize, store: Option<u64>) -> u64 {
+        let hit = self.slots.iter_mut().find_map(|s| {
+            let offset = s.window?.offset(pio, addr)?;
+            Some((offset, &mut s.server))
+        });
+        let len = len as u8;
+        match (hit, store) {
+            (Some((offset, Server::InProcess(dev))), None) => dev.load(vm, offset, len),
+            (Some((offset, Server::InProcess(dev))), Some(data)) => {
+                dev.store(vm, offset, len, data);
+                0
+            }
+            (Some((offset, Server::Emulator(dev))), None) => dev.forward(Op::Load, offset, len, 0),
+            (Some((offset, Server::Emulator(dev))), Some(data)) => {
+                dev.forward(Op::Store, offset, len, data)
+            }
+            (None, _) => !0,
         }
-        (Some((offset, Server::Emulator(dev))), None) => dev.forward(Op::Load, offset, len, 0),
-        (Some((offset, Server::Emulator(dev))), Some(data)) => {
-            dev.forward(Op::Store, offset, len, data)
-        }
-        (None, _) => !0,
     }
 }
 
-/// Device `index` of the configuration, on the bus, with what serves it.
+/// Device `index` of the configuration, on PCI or at its ISA ports, with
+/// what serves it. An ISA device (a UART) gets the console, which only one
+/// may have.
 fn add_device(
     vm: &VmFd,
     ram: &Ram,
@@ -349,19 +614,55 @@ fn add_device(
     serve: Serve,
     index: usize,
     spec: &EmulatorSpec,
+    console_taken: &mut Option<usize>,
 ) -> Result<Slot, MachineError> {
     let model =
         emulator::model::by_name(&spec.model).ok_or_else(|| MachineError::UnknownModel {
             index,
             model: spec.model.clone(),
         })?;
-    let identity = model.identity();
-    let intx_gsi = irq::INTX_BASE + index as u32;
+    let placement = model.placement();
     let msi_gsi = irq::MSI_BASE + index as u32;
-    let pci_device = bus
-        .add(Function::endpoint(&identity, intx_gsi as u8))
-        .expect("fewer devices than slots");
-    let name = format!("{} at 00:{pci_device:02x}.0", spec.model);
+    let (wiring, pci_device, window, bar0_size) = match &placement {
+        Placement::Pci(identity) => {
+            let intx_gsi = irq::INTX_BASE + index as u32;
+            let dev = bus
+                .add(Function::endpoint(identity, intx_gsi as u8))
+                .expect("fewer devices than slots");
+            (
+                Wiring::Pci { intx_gsi, msi_gsi },
+                Some(dev),
+                None,
+                identity.bar0_size,
+            )
+        }
+        Placement::Isa { base, len, irq } => (
+            Wiring::Isa { gsi: (*irq).into() },
+            None,
+            Some(Window::Pio {
+                base: *base,
+                len: *len,
+            }),
+            0,
+        ),
+    };
+    let name = match (pci_device, window) {
+        (Some(dev), _) => format!("{} at 00:{dev:02x}.0", spec.model),
+        (None, Some(Window::Pio { base, .. })) => format!("{} at port {base:#x}", spec.model),
+        _ => spec.model.clone(),
+    };
+    let console = match wiring {
+        Wiring::Isa { .. } => {
+            if console_taken.replace(index).is_some() {
+                return Err(MachineError::SecondConsole { index });
+            }
+            Some(console::open().map_err(|source| MachineError::Io {
+                op: "console",
+                source,
+            })?)
+        }
+        Wiring::Pci { .. } => None,
+    };
     let device_error = |source| MachineError::Device { index, source };
     let server = match serve {
         Serve::User | Serve::Socket => {
@@ -371,15 +672,18 @@ fn add_device(
                 spec.clone(),
                 ram.file(),
                 ram.layout(),
-                intx_gsi,
-                msi_gsi,
+                wiring,
+                console,
             )
             .map_err(device_error)?;
             dev.start().map_err(device_error)?;
+            if let Some(w) = window {
+                dev.set_window(Some(w.range())).map_err(device_error)?;
+            }
             Server::Emulator(dev)
         }
         Serve::InProcess => {
-            let dev = InProcessDevice::new(vm, model, ram.memory.clone(), intx_gsi, msi_gsi)
+            let dev = InProcessDevice::new(vm, model, ram.memory.clone(), wiring, console)
                 .map_err(device_error)?;
             Server::InProcess(dev)
         }
@@ -388,8 +692,12 @@ fn add_device(
         name,
         server,
         pci_device,
-        bar0: None,
-        bar0_size: identity.bar0_size,
+        window,
+        bar0_size,
+        intx_gsi: match wiring {
+            Wiring::Pci { intx_gsi, .. } => Some(intx_gsi),
+            Wiring::Isa { .. } => None,
+        },
         msi: None,
         msi_gsi,
     })

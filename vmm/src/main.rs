@@ -1,4 +1,5 @@
-//! `vmm`: runs a guest payload with edu devices, each served by its own
+//! `vmm`: runs a guest payload, or a Linux kernel, with edu devices and
+//! optionally a 16550A UART as its console, each served by its own
 //! sandboxed emulator process through a KVM_DEV_TYPE_USER device (or, for
 //! comparison, by the classic exit paths: `--serve in-process|socket`).
 //!
@@ -6,26 +7,38 @@
 //! passed), 2 if the VMM failed, 124 if `--timeout` expired.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use userdev::stats;
 use vmm::device::EmulatorSpec;
-use vmm::machine::{Config, Machine, Serve, Server};
+use vmm::machine::{Boot, Config, Machine, MachineError, Serve, Server};
 
 #[derive(Parser, Debug)]
 #[command(about = "A minimal KVM VMM whose PCI devices are served by sandboxed emulator processes")]
 struct Args {
     /// The guest payload (a PVH ELF, e.g. target/guest/release/edu-test).
+    #[arg(long, required_unless_present = "kernel", conflicts_with = "kernel")]
+    payload: Option<PathBuf>,
+    /// A Linux bzImage to boot instead of a payload.
     #[arg(long)]
-    payload: PathBuf,
-    /// The payload's command line.
+    kernel: Option<PathBuf>,
+    /// The Linux kernel's initramfs.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// The payload's or kernel's command line.
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=3072))]
     memory: u64,
+    /// vCPUs (more than one only with --kernel).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    cpus: u8,
+    /// A 16550A UART at port 0x3f8 on IRQ 4 (the guest's ttyS0), with its
+    /// own emulator; it reads this process's stdin and writes its stdout.
+    #[arg(long)]
+    serial: bool,
     /// How many edu devices, each with its own emulator.
     #[arg(long, default_value_t = 1)]
     edu: usize,
@@ -73,9 +86,9 @@ fn default_emulator() -> PathBuf {
     exe.with_file_name("kvm-userdev-emulator")
 }
 
-fn main() -> ExitCode {
+fn main() {
     let args = Args::parse();
-    let spec = EmulatorSpec {
+    let edu = EmulatorSpec {
         program: args.emulator.clone().unwrap_or_else(default_emulator),
         args: args.emulator_args.clone(),
         model: "edu".into(),
@@ -85,41 +98,68 @@ fn main() -> ExitCode {
         access_timeout: args.access_timeout_ms.map(Duration::from_millis),
         transport: args.serve.transport(),
     };
+    let mut devices = Vec::new();
+    if args.serial {
+        // The UART publishes its side-effect-free registers; edu's
+        // --forward offsets mean nothing to it.
+        devices.push(EmulatorSpec {
+            model: "uart16550a".into(),
+            forward: Vec::new(),
+            ..edu.clone()
+        });
+    }
+    devices.extend(std::iter::repeat_n(edu, args.edu));
+    let boot = match (&args.payload, &args.kernel) {
+        (Some(payload), _) => Boot::Pvh {
+            payload: payload.clone(),
+        },
+        (None, Some(kernel)) => Boot::Linux {
+            kernel: kernel.clone(),
+            initrd: args.initrd.clone(),
+        },
+        (None, None) => unreachable!("clap requires one"),
+    };
     let config = Config {
-        payload: args.payload.clone(),
+        boot,
         cmdline: args.cmdline.clone(),
         ram_mib: args.memory,
-        devices: vec![spec; args.edu],
+        cpus: args.cpus,
+        devices,
         serve: args.serve,
         doorbell: args.doorbell,
         timeout: args.timeout.map(Duration::from_secs),
     };
-    if let Some(t) = config.timeout {
-        std::thread::spawn(move || {
-            std::thread::sleep(t);
-            eprintln!("vmm: the guest did not finish within {}s", t.as_secs());
-            std::process::exit(124);
-        });
-    }
-    let mut machine = match Machine::new(&config) {
+    let code = run(&config);
+    vmm::console::restore();
+    // Other vCPU threads may still be in the guest: end them with the
+    // process rather than tearing the VM down under them.
+    std::process::exit(code)
+}
+
+fn run(config: &Config) -> i32 {
+    let mut machine = match Machine::new(config) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("vmm: {e}");
-            return ExitCode::from(2);
+            return 2;
         }
     };
-    let result = machine.run();
-    for slot in &machine.slots {
+    let result = machine.run(config.timeout);
+    for slot in &machine.devices().slots {
         print_stats(slot);
     }
     match result {
         Ok(status) => {
             eprintln!("vmm: the guest exited with status {status}");
-            ExitCode::from(status as u8)
+            status as u8 as i32
+        }
+        Err(e @ MachineError::Timeout(_)) => {
+            eprintln!("vmm: {e}");
+            124
         }
         Err(e) => {
             eprintln!("vmm: {e}");
-            ExitCode::from(2)
+            2
         }
     }
 }
