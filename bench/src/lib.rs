@@ -8,6 +8,7 @@
 //! goes in the kernel.
 
 pub mod guest;
+pub mod linux;
 pub mod process;
 pub mod qemu;
 pub mod report;

@@ -298,6 +298,7 @@ pub fn build(flavour: Flavour) -> Result<Kernel> {
     )?;
     let _ = fs::remove_dir_all(&out);
     fs::rename(&tmp, &out)?;
+    fs::write(obj.join(OBJ_KEY), &key)?;
     let k = kernel_in(&out).context("kernel vanished from the cache")?;
     eprintln!(
         "xtask: built {} kernel {} in {}: {}",
@@ -307,6 +308,35 @@ pub fn build(flavour: Flavour) -> Result<Kernel> {
         k.bzimage.display()
     );
     Ok(k)
+}
+
+/// Names the cached kernel whose build the object tree holds.
+const OBJ_KEY: &str = ".kvm-userdev-key";
+
+/// The trees an out-of-tree module for the kernel of `flavour` builds
+/// against: (source tree, object tree). The object tree is shared by every
+/// series and configuration of a flavour, so it is rebuilt (incrementally)
+/// if it holds another build than the cached kernel's.
+pub fn module_trees(flavour: Flavour) -> Result<(Kernel, PathBuf, PathBuf)> {
+    let kernel = build(flavour)?;
+    let cache = Cache::new()?;
+    let _lock = cache.lock()?;
+    let base = read_base()?;
+    let version = ensure_source(&cache, &base)?;
+    let patches = series()?;
+    let key = cache_key(&version, &patches, flavour)?;
+    let obj = cache.obj(flavour);
+    if fs::read_to_string(obj.join(OBJ_KEY)).ok().as_deref() != Some(key.as_str()) {
+        eprintln!(
+            "xtask: the {} object tree holds another build: rebuilding it for modules",
+            flavour.name()
+        );
+        apply_series(&cache, &base, &version, &patches)?;
+        configure(&cache, &obj, flavour)?;
+        make_bzimage(&cache, &obj, flavour)?;
+        fs::write(obj.join(OBJ_KEY), &key)?;
+    }
+    Ok((kernel, cache.tree(), obj))
 }
 
 /// Installs the pinned source package (or, if the archive no longer has that

@@ -4,7 +4,10 @@ mod bench;
 mod binaries;
 mod deps;
 mod edu;
+mod guest_linux;
+mod initramfs;
 mod kernel;
+mod linux;
 mod logscan;
 mod selftests;
 mod stress;
@@ -14,6 +17,7 @@ mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use kvm_userdev_bench::linux::{Boot, Host};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -62,6 +66,40 @@ enum Cmd {
     },
     /// fmt, clippy, host tests, then the in-VM tests on the debug kernel.
     Test,
+    /// Boot an unmodified Linux guest in the VM: its console a 16550A UART
+    /// and its edu devices user devices, each served by a sandboxed
+    /// emulator; run CMD in it (exit status: CMD's) or, without CMD, give
+    /// its shell on this terminal.
+    Linux {
+        /// What runs the guest: our VMM with user devices, with the models
+        /// in-process or behind a socket, or QEMU with its own devices.
+        #[arg(long, value_enum, default_value_t = Host::User)]
+        host: Host,
+        /// The guest's vCPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u8,
+        /// How many edu devices.
+        #[arg(long, default_value_t = 2)]
+        edu: usize,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// A word for the guest's kernel command line (repeatable).
+        #[arg(long = "append", allow_hyphen_values = true)]
+        append: Vec<String>,
+        /// An extra argument for our VMM (repeatable), e.g. --restart.
+        #[arg(long = "vmm-arg", allow_hyphen_values = true)]
+        vmm_args: Vec<String>,
+        /// Boot the VM (not the guest) on the debug kernel.
+        #[arg(long)]
+        debug: bool,
+        /// Wall-clock limit for the guest in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The command to run in the guest.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Run a guest that drives edu devices, each served by its own
     /// sandboxed emulator through a user device, in the VM (plain kernel).
     Edu {
@@ -156,6 +194,26 @@ fn run() -> Result<i32> {
             Ok(run.exit_code())
         }
         Cmd::Test => test::run(),
+        Cmd::Linux {
+            host,
+            cpus,
+            edu,
+            memory,
+            append,
+            vmm_args,
+            debug,
+            timeout,
+            cmd,
+        } => {
+            let mut boot = Boot::new(host);
+            boot.cpus = cpus;
+            boot.edu = edu;
+            boot.memory_mib = memory;
+            boot.append = append;
+            boot.vmm_args = vmm_args;
+            boot.timeout_s = timeout;
+            linux::run(&boot, kernel::Flavour::new(debug), &cmd)
+        }
         Cmd::Edu {
             debug,
             devices,

@@ -29,6 +29,9 @@ pub struct VmOptions {
     pub cpus: u32,
     pub scratch: PathBuf,
     pub tcg: Tcg,
+    /// The command reads our stdin (through QEMU and the VM's console):
+    /// for an interactive shell in a guest.
+    pub interactive: bool,
 }
 
 /// How QEMU's TCG runs the VM's vCPUs.
@@ -64,6 +67,7 @@ impl VmOptions {
             cpus: 2,
             scratch: default_scratch(),
             tcg: Tcg::Multi,
+            interactive: false,
         }
     }
 }
@@ -152,8 +156,12 @@ pub fn shell_quote(s: &str) -> String {
 
 /// The script the VM's init runs: the host's working directory and a few
 /// environment variables, then the command.
-fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
+fn command_script(cmd: &[String], cwd: &Path, scratch: &Path, interactive: bool) -> String {
     let mut s = String::from("# written by cargo xtask vm\n");
+    if interactive {
+        // The console that carries our stdin (QEMU's stdio chardev).
+        s.push_str("exec </dev/hvc0\n");
+    }
     s.push_str(&format!(
         "cd {} || exit 125\n",
         shell_quote(&cwd.to_string_lossy())
@@ -198,7 +206,10 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
     let host_tmp = [&cwd, &repo_root(), &cache_dir(), &scratch]
         .iter()
         .any(|p| p.starts_with("/tmp"));
-    fs::write(scratch.join(".vm-cmd"), command_script(cmd, &cwd, &scratch))?;
+    fs::write(
+        scratch.join(".vm-cmd"),
+        command_script(cmd, &cwd, &scratch, opts.interactive),
+    )?;
     let kernel_log_path = scratch.join("kernel.log");
     let qemu_cmd = qemu_command(
         qemu,
@@ -300,8 +311,13 @@ fn qemu_command(
         .args(["-device", "virtio-serial-pci"])
         .args(["-chardev", "stdio,id=out,signal=off"])
         .args(["-device", "virtconsole,chardev=out"])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    // QEMU's stdio chardev puts a terminal on stdin into raw mode itself.
+    cmd.stdin(if opts.interactive {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    });
     cmd
 }
 
@@ -341,6 +357,7 @@ mod tests {
             &["printf".into(), "%s|".into(), "it's".into(), "$HOME".into()],
             Path::new("/work/a b"),
             Path::new("/s"),
+            false,
         );
         let out = Command::new("sh")
             .arg("-c")

@@ -1,0 +1,123 @@
+//! The Linux guest's edu pieces: the kernel module `kvm_userdev_edu.ko`
+//! (guest/linux/edu-driver) and the static `edu-tool` that checks it
+//! (guest/linux/edu-tool).
+
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::{cargo, repo_root, run};
+
+/// The module's name, and so its file's.
+const MODULE: &str = "kvm_userdev_edu";
+/// The tool's target: a full triple, so that the host's RUSTFLAGS reach
+/// only the tool and not build scripts, and so that `crt-static` applies.
+const TOOL_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds the module against the kernel tree `kernel_src` configured and
+/// built in `kernel_obj` (an `O=` directory with CONFIG_MODULES=y); returns
+/// the .ko. The build runs on a copy of the sources in `out_dir` (the
+/// objects land there too), never in the source tree; unchanged files are
+/// not copied again, so a second build does nothing.
+pub fn build_edu_module(kernel_src: &Path, kernel_obj: &Path, out_dir: &Path) -> Result<PathBuf> {
+    if !kernel_obj.join("Module.symvers").is_file() {
+        bail!(
+            "{} holds no built kernel with modules (no Module.symvers)",
+            kernel_obj.display()
+        );
+    }
+    let src = repo_root().join("guest/linux/edu-driver");
+    sync_dir(&src, out_dir)?;
+
+    eprintln!(
+        "xtask: building {MODULE}.ko against {}",
+        kernel_obj.display()
+    );
+    run(Command::new("make")
+        .arg("-C")
+        .arg(kernel_src)
+        .arg(format!("O={}", kernel_obj.display()))
+        .arg(format!("M={}", out_dir.display()))
+        .arg("modules"))?;
+    let ko = out_dir.join(format!("{MODULE}.ko"));
+    if !ko.is_file() {
+        bail!("make did not produce {}", ko.display());
+    }
+    Ok(ko)
+}
+
+/// Builds edu-tool as a fully static binary (the C library linked in, no
+/// program interpreter) and copies it to `out_dir/edu-tool`; returns that
+/// path. The build's own directory is target/guest-linux.
+pub fn build_edu_tool(out_dir: &Path) -> Result<PathBuf> {
+    let target_dir = repo_root().join("target/guest-linux");
+    eprintln!("xtask: building the static edu-tool");
+    run(cargo()
+        // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        // A non-PIE static executable: `file` says "statically linked".
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C relocation-model=static",
+        )
+        .args([
+            "build",
+            "-p",
+            "edu-tool",
+            "--release",
+            "--target",
+            TOOL_TARGET,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir))?;
+    let built = target_dir.join(TOOL_TARGET).join("release/edu-tool");
+    fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    let tool = out_dir.join("edu-tool");
+    fs::copy(&built, &tool)
+        .with_context(|| format!("copy {} to {}", built.display(), tool.display()))?;
+    Ok(tool)
+}
+
+/// Makes `to` hold a copy of every regular file of `from`; files whose
+/// contents did not change keep their times, so make rebuilds nothing.
+fn sync_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
+    for entry in fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let data = fs::read(&src).with_context(|| format!("read {}", src.display()))?;
+        if fs::read(&dst).ok().as_deref() != Some(data.as_slice()) {
+            fs::write(&dst, &data).with_context(|| format!("write {}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_copies_only_changes() {
+        let base = std::env::temp_dir().join(format!("xtask-sync-{}", std::process::id()));
+        let (from, to) = (base.join("from"), base.join("to"));
+        fs::create_dir_all(&from).unwrap();
+        fs::write(from.join("a.c"), "one").unwrap();
+        sync_dir(&from, &to).unwrap();
+        assert_eq!(fs::read_to_string(to.join("a.c")).unwrap(), "one");
+        let before = fs::metadata(to.join("a.c")).unwrap().modified().unwrap();
+        sync_dir(&from, &to).unwrap();
+        let after = fs::metadata(to.join("a.c")).unwrap().modified().unwrap();
+        assert_eq!(before, after);
+        fs::write(from.join("a.c"), "two").unwrap();
+        sync_dir(&from, &to).unwrap();
+        assert_eq!(fs::read_to_string(to.join("a.c")).unwrap(), "two");
+        fs::remove_dir_all(&base).unwrap();
+    }
+}
