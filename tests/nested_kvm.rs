@@ -141,3 +141,18 @@ fn deregistered_ioeventfd_lets_stores_exit_again() {
     // Nothing was signalled: reading a zero eventfd would block.
     assert!(doorbell.read().is_err());
 }
+
+/// Probing for the user device (KVM_CREATE_DEVICE_TEST, which returns no
+/// descriptor) leaves the caller's descriptors alone: an earlier version
+/// closed fd 0, and the next file opened took stdin's place.
+#[test]
+fn probing_the_user_device_keeps_stdin_open() {
+    let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    // SAFETY: F_GETFD on a descriptor number; no memory is involved.
+    let before = unsafe { libc::fcntl(0, libc::F_GETFD) };
+    assert!(userdev::UserDevice::probe(&vm), "the patched kernel has it");
+    // SAFETY: as above.
+    let after = unsafe { libc::fcntl(0, libc::F_GETFD) };
+    assert_eq!(before >= 0, after >= 0, "fd 0 open before and after");
+}

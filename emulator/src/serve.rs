@@ -254,6 +254,12 @@ impl ConsoleInput {
                 }
             }
             let n = room.min(self.end - self.start);
+            if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+                crate::log!(
+                    "emulator: trace input {:x?}",
+                    &self.buf[self.start..self.start + n]
+                );
+            }
             model.input(platform, &self.buf[self.start..self.start + n]);
             self.start += n;
         }
@@ -616,18 +622,7 @@ fn handle(
     }
     // Only range 0 is ours; anything else reads all-ones, as an access
     // that no device claims does.
-    if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
-        crate::log!(
-            "emulator: trace seq {} vcpu {} {:?} range {} offset {:#x} len {} data {:#x}",
-            a.seq,
-            a.vcpu,
-            a.op,
-            a.range,
-            a.offset,
-            a.len,
-            a.value()
-        );
-    }
+    let replied = replies.len();
     match (a.op, a.range == BAR0_RANGE) {
         (Op::Store, true) => model.store(platform, a.offset, a.len, a.value()),
         (Op::Load, true) => replies.push(Reply::with_value(
@@ -637,6 +632,21 @@ fn handle(
         )),
         (Op::Load, false) => replies.push(Reply::with_value(a.seq, a.len, !0)),
         (Op::Store, false) => {}
+    }
+    if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+        let data = match replies.get(replied..) {
+            Some([reply]) => reply.value(a.len),
+            _ => a.value(),
+        };
+        crate::log!(
+            "emulator: trace seq {} vcpu {} {:?} range {} offset {:#x} len {} data {data:#x}",
+            a.seq,
+            a.vcpu,
+            a.op,
+            a.range,
+            a.offset,
+            a.len,
+        );
     }
 }
 

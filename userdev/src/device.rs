@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_create_device, kvm_device_attr, KVM_CREATE_DEVICE_TEST};
 use kvm_ioctls::{DeviceFd, VmFd};
-use vmm_sys_util::ioctl::ioctl_with_val;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
 
 use crate::stats::COUNTERS;
 use crate::sys;
@@ -100,7 +100,11 @@ impl UserDevice {
             fd: 0,
             flags: KVM_CREATE_DEVICE_TEST,
         };
-        vm.create_device(&mut dev).is_ok()
+        // Not VmFd::create_device: it would wrap the fd field, which a test
+        // leaves 0, in a File and close our stdin when dropping it.
+        // SAFETY: the ioctl reads and writes `dev`, which outlives it.
+        let ret = unsafe { ioctl_with_mut_ref(vm, sys::KVM_CREATE_DEVICE(), &mut dev) };
+        ret == 0
     }
 
     /// Creates a device in `vm`, with no ranges and no backend.

@@ -6,7 +6,7 @@
 
 #![allow(non_camel_case_types)]
 
-use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// `KVM_DEV_TYPE_USER` in `enum kvm_device_type` (after `KVM_DEV_TYPE_RISCV_AIA`).
 pub const KVM_DEV_TYPE_USER: u32 = 12;
@@ -126,6 +126,17 @@ pub struct kvm_user_access_map {
 /// The user device's ioctl type.
 pub const KVM_USER_IO: u32 = 0xB9;
 
+/// KVMIO's KVM_CREATE_DEVICE, for probing with KVM_CREATE_DEVICE_TEST:
+/// kvm-ioctls' wrapper takes the (then unset) fd field as a descriptor
+/// to own, and closing it would close the caller's fd 0.
+pub const KVMIO: u32 = 0xAE;
+ioctl_iowr_nr!(
+    KVM_CREATE_DEVICE,
+    KVMIO,
+    0xe0,
+    kvm_bindings::kvm_create_device
+);
+
 // On the device fd.
 ioctl_io_nr!(KVM_USER_CREATE_BACKEND, KVM_USER_IO, 0x00);
 ioctl_io_nr!(KVM_USER_DRAIN, KVM_USER_IO, 0x01);
@@ -188,6 +199,7 @@ mod tests {
         assert_eq!(KVM_USER_WAKE(), io(0x12));
         // Spelled out once, against a slip in the helpers above.
         assert_eq!(KVM_USER_CREATE_BACKEND(), 0xb900);
+        assert_eq!(KVM_CREATE_DEVICE(), 0xc00c_aee0);
         assert_eq!(KVM_USER_SET_ACCESS_MAP(), 0x4008_b911);
     }
 

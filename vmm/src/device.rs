@@ -231,7 +231,8 @@ impl EmulatedDevice {
     /// Waits until the emulator has consumed the guest's accesses queued so
     /// far: called before the VMM applies a configuration write to the
     /// device, which must not pass the guest's posted stores (PCI ordering:
-    /// a non-posted request does not pass posted writes). Bounded by the
+    /// a non-posted request does not pass posted writes), and when the
+    /// guest has ended, so that its last stores are not lost. Bounded by the
     /// device's timeout. A slow or vanished emulator is only logged: the
     /// supervisor reports an emulator's end, and the guest keeps running.
     /// The socket transport has nothing to drain: there the vCPU thread
@@ -243,7 +244,10 @@ impl EmulatedDevice {
         // A timeout or a released backend (its accesses were dropped and
         // counted) leaves nothing to wait for; any other failure neither.
         if let Err(e) = device.drain() {
-            eprintln!("vmm: {}: before a configuration write: {e}", self.name);
+            eprintln!(
+                "vmm: {}: waiting for the emulator to catch up: {e}",
+                self.name
+            );
         }
     }
 

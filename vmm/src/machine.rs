@@ -303,6 +303,17 @@ impl Machine {
         })
     }
 
+    /// Waits until every emulator has consumed the accesses queued for
+    /// it (each bounded by the device's timeout): when the guest ends, its
+    /// last posted stores, the console's last bytes, are not lost.
+    pub fn drain(&self) {
+        for slot in &self.devices().slots {
+            if let Server::Emulator(dev) = &slot.server {
+                dev.drain();
+            }
+        }
+    }
+
     /// The devices, for their counters.
     pub fn devices(&self) -> MutexGuard<'_, Devices> {
         self.shared.devices.lock().expect("devices lock")

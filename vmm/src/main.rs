@@ -145,6 +145,7 @@ fn run(config: &Config) -> i32 {
         }
     };
     let result = machine.run(config.timeout);
+    machine.drain();
     for slot in &machine.devices().slots {
         print_stats(slot);
     }

@@ -21,11 +21,38 @@ const TOOL_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// objects land there too), never in the source tree; unchanged files are
 /// not copied again, so a second build does nothing.
 pub fn build_edu_module(kernel_src: &Path, kernel_obj: &Path, out_dir: &Path) -> Result<PathBuf> {
-    if !kernel_obj.join("Module.symvers").is_file() {
+    // The module linker script comes from `make modules_prepare` (which
+    // `make modules` includes); `make bzImage` alone leaves it out.
+    if !kernel_obj.join("scripts/module.lds").is_file() {
         bail!(
-            "{} holds no built kernel with modules (no Module.symvers)",
+            "{} is not prepared for external modules (no scripts/module.lds): \
+             build it with `make modules_prepare` or `make modules` too",
             kernel_obj.display()
         );
+    }
+    let mut make = Command::new("make");
+    make.arg("-C")
+        .arg(kernel_src)
+        .arg(format!("O={}", kernel_obj.display()))
+        .arg(format!("M={}", out_dir.display()))
+        // As the kernel was built (kernel.rs): without it kbuild appends
+        // "+" for the git tree, and the module's version magic would not
+        // match the kernel's.
+        .arg("LOCALVERSION=");
+    // modpost resolves the module's symbols against the kernel's exports:
+    // Module.symvers after `make modules`; after only `make bzImage` the
+    // same table is vmlinux.symvers (then kbuild warns that Module.symvers
+    // is missing, harmlessly: the module needs no other module).
+    if !kernel_obj.join("Module.symvers").is_file() {
+        let vmlinux = kernel_obj.join("vmlinux.symvers");
+        if !vmlinux.is_file() {
+            bail!(
+                "{} holds no kernel built with CONFIG_MODULES=y \
+                 (neither Module.symvers nor vmlinux.symvers)",
+                kernel_obj.display()
+            );
+        }
+        make.arg(format!("KBUILD_EXTRA_SYMBOLS={}", vmlinux.display()));
     }
     let src = repo_root().join("guest/linux/edu-driver");
     sync_dir(&src, out_dir)?;
@@ -34,12 +61,7 @@ pub fn build_edu_module(kernel_src: &Path, kernel_obj: &Path, out_dir: &Path) ->
         "xtask: building {MODULE}.ko against {}",
         kernel_obj.display()
     );
-    run(Command::new("make")
-        .arg("-C")
-        .arg(kernel_src)
-        .arg(format!("O={}", kernel_obj.display()))
-        .arg(format!("M={}", out_dir.display()))
-        .arg("modules"))?;
+    run(make.arg("modules"))?;
     let ko = out_dir.join(format!("{MODULE}.ko"));
     if !ko.is_file() {
         bail!("make did not produce {}", ko.display());

@@ -336,6 +336,9 @@ pub fn module_trees(flavour: Flavour) -> Result<(Kernel, PathBuf, PathBuf)> {
         make_bzimage(&cache, &obj, flavour)?;
         fs::write(obj.join(OBJ_KEY), &key)?;
     }
+    // What `make bzImage` leaves out and module builds need (the module
+    // linker script); a no-op once done.
+    run(make(&cache, &obj).args(["-s", "modules_prepare"]))?;
     Ok((kernel, cache.tree(), obj))
 }
 

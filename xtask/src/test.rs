@@ -299,8 +299,11 @@ pub fn run() -> Result<i32> {
     tally.check("debug kernel build", kernel.is_some());
 
     banner("in-VM tests on the debug kernel");
-    // The VMM, the emulators and the guest payloads the tests run.
-    let bins = crate::binaries::build(false).and_then(|_| build_vm_tests());
+    // The VMM, the emulators, the guest payloads and the Linux guest (the
+    // plain kernel, its edu module and initramfs) the tests run.
+    let bins = crate::binaries::build(false)
+        .and_then(|_| crate::linux::build_guest())
+        .and_then(|_| build_vm_tests());
     match (kernel, bins) {
         (None, _) => eprintln!("xtask: no kernel, so no in-VM tests"),
         (Some(_), Err(e)) => {

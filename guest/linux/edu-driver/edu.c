@@ -78,8 +78,12 @@
 /* What every register of a device that is gone reads */
 #define EDU_ALL_ONES 0xffffffffU
 
-/* The bound of every wait for the device */
-#define EDU_TIMEOUT_MS 1000
+/*
+ * The bound of every wait for the device: generous, as a nested guest under
+ * an emulated CPU on a busy host can take a second for what hardware does
+ * in microseconds; a device that is gone is found at once (all-ones).
+ */
+#define EDU_TIMEOUT_MS 5000
 /* Poll intervals: a factorial takes microseconds, QEMU's DMA 100 ms */
 #define EDU_FACTORIAL_POLL_US 10
 #define EDU_DMA_POLL_US 100
@@ -576,7 +580,9 @@ static void edu_remove(struct pci_dev *pdev)
 	edu->gone = true;
 	mutex_unlock(&edu->lock);
 
+	/* A shared INTx line must not stay asserted once the handler is gone. */
 	edu_write(edu, EDU_REG_STATUS, 0);
+	edu_write(edu, EDU_REG_IRQ_ACK, EDU_ALL_ONES);
 	free_irq(edu->irq, edu);
 	/* A transfer that timed out must not land in the freed buffer. */
 	pci_clear_master(pdev);

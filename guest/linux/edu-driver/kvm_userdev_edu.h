@@ -6,7 +6,7 @@
  *
  * Every ioctl returns 0 or -1 with errno:
  *   EIO        the device reads all-ones (its emulator is gone)
- *   ETIMEDOUT  the device did not finish within a second
+ *   ETIMEDOUT  the device did not finish in time (5 s per wait)
  *   EINTR      a signal arrived while waiting
  *   ENODEV     the device was unbound from the driver
  *   EINVAL     bad arguments (including non-zero padding)

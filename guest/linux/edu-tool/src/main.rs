@@ -29,12 +29,13 @@ const LIVENESS_VALUES: [u32; 6] = [0, 1, 0x1234_5678, 0xdead_beef, 0x8000_0000, 
 const FACTORIAL_MAX: u32 = 12;
 /// Interrupt bits to raise: the device's own two events and others.
 const RAISE_VALUES: [u32; 4] = [0x0000_0001, 0x0000_0100, 0x8000_0000, 0x1234_5678];
-/// How long one operation on a dead device may take: the driver's own
-/// bound is a second per wait.
-const DEAD_BOUND: Duration = Duration::from_secs(3);
-/// In `--expect-dead` mode SIGALRM ends the process after this long, so a
-/// hung operation fails the run instead of blocking it.
-const DEAD_WATCHDOG_SECS: u32 = 60;
+/// How long one operation on a dead device may take. A device that reads
+/// all-ones fails at once; one that does not answer fails after the
+/// driver's bound (EDU_TIMEOUT_MS, 5 s) per wait, and a DMA transfer waits
+/// up to three times.
+const DEAD_BOUND: Duration = Duration::from_secs(20);
+/// The operations `--expect-dead` tries on each device.
+const DEAD_OPS: u32 = 8;
 
 const USAGE: &str = "usage: edu-tool [--device /dev/eduN]... [--expect-dead | --loop N]";
 
@@ -351,6 +352,7 @@ fn check_dead_device(report: &mut Report, dev: &Path) {
             Box::new(|| edu.dma_from_device(&mut page, 0, false)),
         ),
     ];
+    debug_assert_eq!(ops.len(), DEAD_OPS as usize);
     for (name, mut op) in ops {
         let started = Instant::now();
         let result = op();
@@ -464,9 +466,13 @@ fn main() -> ExitCode {
     let mut report = Report::default();
     let mut rng = Rng::seeded();
     if args.expect_dead {
+        // Every operation within its bound, or SIGALRM ends the process, so
+        // that a hung operation fails the run instead of blocking it.
+        let devices = u32::try_from(devices.len()).unwrap_or(u32::MAX);
+        let bound = devices.saturating_mul(DEAD_OPS * DEAD_BOUND.as_secs() as u32);
         // SAFETY: alarm() only arms a timer; SIGALRM's default action ends
         // the process, which is what a hung operation should lead to.
-        unsafe { libc::alarm(DEAD_WATCHDOG_SECS) };
+        unsafe { libc::alarm(bound.saturating_add(30)) };
     }
     for dev in &devices {
         if args.expect_dead {

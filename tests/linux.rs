@@ -1,0 +1,300 @@
+//! An unmodified Linux guest on user devices: the project's plain kernel
+//! booted by the VMM on two vCPUs, its console the 16550A UART and its edu
+//! devices served by sandboxed emulators through user devices, and the
+//! same guest under QEMU with QEMU's own edu. `cargo xtask test` builds the
+//! guest (target/guest-linux) first.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use kvm_userdev_bench::linux::{Boot, Host};
+use userdev::{stats, Stats};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// How long a guest may take, boot included, on the debug kernel under
+/// nested TCG.
+const TIMEOUT_S: u64 = 400;
+
+struct Run {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The counters of the device whose name starts with `name`.
+    fn stats(&self, name: &str) -> Stats {
+        let (_, counters) = stats::lines(&self.stderr)
+            .find(|(device, _)| device.starts_with(name))
+            .unwrap_or_else(|| panic!("no counters for {name}"));
+        counters.parse().expect("counters parse")
+    }
+
+    fn assert_exit(&self, status: i32) {
+        assert_eq!(
+            self.status,
+            Some(status),
+            "the guest's status (stdout above)"
+        );
+    }
+}
+
+fn boot(host: Host, command: &str) -> Boot {
+    let mut b = Boot::new(host);
+    b.command = Some(command.into());
+    b.timeout_s = TIMEOUT_S;
+    // As in the edu tests: on the debug kernel under nested TCG the
+    // emulators can be slow to be scheduled; only a dead one should make a
+    // load time out.
+    b.vmm_args = vec!["--access-timeout-ms".into(), "1000".into()];
+    b
+}
+
+fn command(boot: &Boot) -> Command {
+    let argv = boot.command(&repo(), &repo().join("target/debug/vmm"));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
+
+fn finish(name: &str, status: Option<i32>, stdout: String, stderr: String) -> Run {
+    println!("---- {name}\n{stdout}{stderr}");
+    Run {
+        status,
+        // The guest's tty ends lines with CR LF.
+        stdout: stdout.replace("\r\n", "\n"),
+        stderr,
+    }
+}
+
+/// Boots the guest, runs `command` in it and returns when it ends.
+fn run(boot: &Boot) -> Run {
+    let out = command(boot)
+        .stdin(Stdio::null())
+        .output()
+        .expect("start the guest's host");
+    let status = out.status.code().map(|c| boot.host.guest_status(c));
+    finish(
+        boot.command.as_deref().unwrap_or(""),
+        status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A guest that is running, its output read line by line.
+struct Live {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stdout: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Live {
+    fn start(boot: &Boot) -> Live {
+        let mut child = command(boot)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the VMM");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            // Not lines(): the console carries bytes that are not UTF-8
+            // (the 8250 driver's IRQ probe transmits 0xff).
+            let mut reader = BufReader::new(stdout);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                if tx
+                    .send(text.trim_end_matches(['\r', '\n']).to_string())
+                    .is_err()
+                {
+                    return;
+                }
+                line.clear();
+            }
+        });
+        let mut err = child.stderr.take().expect("piped");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Live {
+            child,
+            lines,
+            stdout: String::new(),
+            stderr,
+        }
+    }
+
+    /// Reads the guest's output until a line contains `marker`; if it
+    /// never comes, ends the guest and fails (finish() has printed all of
+    /// its output and the VMM's).
+    fn wait_for(mut self, marker: &str) -> Self {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(TIMEOUT_S)) {
+                Ok(line) => {
+                    self.stdout.push_str(&line);
+                    self.stdout.push('\n');
+                    if line.contains(marker) {
+                        return self;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let r = self.finish(&format!("waiting for {marker:?}"));
+                    panic!("no {marker:?} from the guest (VMM status {:?})", r.status);
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        let stdin = self.child.stdin.as_mut().expect("piped");
+        stdin
+            .write_all(text.as_bytes())
+            .expect("write the guest's input");
+        stdin.flush().expect("flush");
+    }
+
+    fn finish(mut self, name: &str) -> Run {
+        let status = self.child.wait().expect("wait for the VMM").code();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.stdout.push_str(&line);
+            self.stdout.push('\n');
+        }
+        let stderr = self.stderr.join().unwrap_or_default();
+        finish(name, status, self.stdout, stderr)
+    }
+}
+
+/// The pids of the running emulators, oldest first (the VMM starts them
+/// in device order: the UART, then edu 0, edu 1).
+fn emulator_pids_now() -> Vec<i32> {
+    let mut pids: Vec<(u64, i32)> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            if comm.trim() != "kvm-userdev-emu" {
+                return None;
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let start: u64 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(19)?
+                .parse()
+                .ok()?;
+            Some((start, pid))
+        })
+        .collect();
+    pids.sort();
+    pids.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Kills the emulator of the second edu device (the third emulator).
+fn kill_second_edu_emulator() {
+    let victim = emulator_pids_now()
+        .into_iter()
+        .nth(2)
+        .expect("three emulators: the UART's and two edu devices'");
+    // SAFETY: kill(2) takes a pid and a signal number, nothing else.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+}
+
+/// Uses /dev/edu1 until it fails (its emulator is killed meanwhile).
+const USE_UNTIL_IT_FAILS: &str =
+    "echo kill-now; while edu-tool --device /dev/edu1 >/dev/null 2>&1; do :; done; echo edu1-failed";
+
+/// One boot, the main path: both CPUs online, the 8250 driver's own probe
+/// finds a 16550A at 0x3f8 on IRQ 4, input typed on the VMM's stdin reaches
+/// a shell in the guest and its output comes back, the edu driver's checks
+/// pass on two devices with MSI, an emulator killed while the guest uses
+/// its device leaves the guest running and the driver failing instead of
+/// hanging, and the command's exit status is the VMM's.
+#[test]
+fn linux_guest_on_user_devices() {
+    let command = format!(
+        "echo cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online); \
+         dmesg | grep ttyS0; cat /proc/tty/driver/serial; \
+         echo ready; read -r line; echo \"got:$line\"; \
+         cat /sys/class/misc/edu*/irq_mode; edu-tool || exit 1; \
+         {USE_UNTIL_IT_FAILS}; \
+         edu-tool --device /dev/edu1 --expect-dead || exit 2; \
+         edu-tool --device /dev/edu0 || exit 3; exit 7"
+    );
+    let mut live = Live::start(&boot(Host::User, &command)).wait_for("ready");
+    live.send("hello from the host\n");
+    let live = live.wait_for("kill-now");
+    kill_second_edu_emulator();
+    let r = live.finish("Linux guest on user devices");
+    r.assert_exit(7);
+    assert!(r.stdout.contains("cpus=2 online=0-1"), "both CPUs online");
+    assert!(
+        r.stdout.contains("ttyS0 at I/O 0x3f8 (irq = 4") && r.stdout.contains("is a 16550A"),
+        "the 8250 driver's verdict"
+    );
+    assert!(r.stdout.contains("0: uart:16550A port:000003F8 irq:4"));
+    assert!(
+        r.stdout.contains("got:hello from the host"),
+        "console input"
+    );
+    assert_eq!(r.stdout.matches("msi\n").count(), 2, "both devices use MSI");
+    assert!(r.stdout.contains("edu-tool: PASS: 2 device(s)"));
+    assert!(r.stdout.contains("edu1-failed"));
+    // Every path carried UART accesses: THR stores posted, LSR polls from
+    // the shadow image, RBR and IIR (and loads right behind a store)
+    // forwarded.
+    let s = r.stats("uart16550a");
+    assert!(
+        s.posted_stores > 0 && s.shadow_loads > 0 && s.forwarded_loads > 0,
+        "{s:?}"
+    );
+    assert_eq!((s.timeouts, s.dropped_stores), (0, 0), "{s:?}");
+    let s = r.stats("edu at 00:01.0");
+    assert!(s.posted_stores > 0 && s.shadow_loads > 0, "{s:?}");
+}
+
+/// INTx instead of MSI, and with --restart a killed emulator's successor
+/// serves the device again.
+#[test]
+fn linux_guest_with_intx_and_a_restarted_emulator() {
+    let command = format!(
+        "cat /sys/class/misc/edu*/irq_mode; edu-tool || exit 1; {USE_UNTIL_IT_FAILS}; \
+         n=0; until edu-tool --device /dev/edu1; do n=$((n + 1)); [ $n -lt 30 ] || exit 2; sleep 1; done; \
+         echo answers-again"
+    );
+    let mut b = boot(Host::User, &command);
+    b.append.push("kvm_userdev_edu.nomsi=1".into());
+    b.vmm_args.push("--restart".into());
+    let live = Live::start(&b).wait_for("kill-now");
+    kill_second_edu_emulator();
+    let r = live.finish("INTx, restart");
+    r.assert_exit(0);
+    assert_eq!(
+        r.stdout.matches("intx\n").count(),
+        2,
+        "both devices use INTx"
+    );
+    assert!(r.stdout.contains("edu1-failed") && r.stdout.contains("answers-again"));
+}
+
+/// The same module and tool against QEMU's own edu devices, with the same
+/// guest kernel and initramfs: the driver is written for the device.
+#[test]
+fn edu_driver_passes_under_qemu() {
+    let r = run(&boot(Host::Qemu, "edu-tool"));
+    r.assert_exit(0);
+    assert!(r.stdout.contains("edu-tool: PASS: 2 device(s)"));
+}
