@@ -237,16 +237,42 @@ pub fn find(flavour: Flavour) -> Result<Kernel> {
     })
 }
 
+/// What a build of the current series is made of, and its cache key.
+struct Build {
+    base: Base,
+    version: String,
+    patches: Vec<PathBuf>,
+    key: String,
+}
+
+impl Build {
+    /// With the cache locked: installs the source if needed.
+    fn current(cache: &Cache, flavour: Flavour) -> Result<Self> {
+        let base = read_base()?;
+        let version = ensure_source(cache, &base)?;
+        let patches = series()?;
+        let key = cache_key(&version, &patches, flavour)?;
+        Ok(Build {
+            base,
+            version,
+            patches,
+            key,
+        })
+    }
+}
+
 /// Builds the kernel of `flavour` unless the cache has it already.
 pub fn build(flavour: Flavour) -> Result<Kernel> {
     let started = Instant::now();
     deps::ensure_packages(deps::KERNEL_BUILD)?;
     let cache = Cache::new()?;
     let _lock = cache.lock()?;
-    let base = read_base()?;
-    let version = ensure_source(&cache, &base)?;
-    let patches = series()?;
-    let key = cache_key(&version, &patches, flavour)?;
+    let Build {
+        base,
+        version,
+        patches,
+        key,
+    } = Build::current(&cache, flavour)?;
     let out = cache.kernel_dir(&key);
     if let Some(k) = kernel_in(&out) {
         eprintln!(
@@ -321,10 +347,12 @@ pub fn module_trees(flavour: Flavour) -> Result<(Kernel, PathBuf, PathBuf)> {
     let kernel = build(flavour)?;
     let cache = Cache::new()?;
     let _lock = cache.lock()?;
-    let base = read_base()?;
-    let version = ensure_source(&cache, &base)?;
-    let patches = series()?;
-    let key = cache_key(&version, &patches, flavour)?;
+    let Build {
+        base,
+        version,
+        patches,
+        key,
+    } = Build::current(&cache, flavour)?;
     let obj = cache.obj(flavour);
     if fs::read_to_string(obj.join(OBJ_KEY)).ok().as_deref() != Some(key.as_str()) {
         eprintln!(
