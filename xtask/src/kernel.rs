@@ -261,19 +261,32 @@ impl Build {
     }
 }
 
+/// Patches and configures the tree and builds the bzImage of `build` in
+/// the flavour's object tree, marking the tree as holding that build;
+/// returns the object tree and the number of build steps.
+fn build_objects(cache: &Cache, build: &Build, flavour: Flavour) -> Result<(PathBuf, u64)> {
+    apply_series(cache, &build.base, &build.version, &build.patches)?;
+    let obj = cache.obj(flavour);
+    configure(cache, &obj, flavour)?;
+    let steps = make_bzimage(cache, &obj, flavour)?;
+    fs::write(obj.join(OBJ_KEY), &build.key)?;
+    Ok((obj, steps))
+}
+
 /// Builds the kernel of `flavour` unless the cache has it already.
 pub fn build(flavour: Flavour) -> Result<Kernel> {
     let started = Instant::now();
     deps::ensure_packages(deps::KERNEL_BUILD)?;
     let cache = Cache::new()?;
     let _lock = cache.lock()?;
+    let build = Build::current(&cache, flavour)?;
     let Build {
         base,
         version,
         patches,
         key,
-    } = Build::current(&cache, flavour)?;
-    let out = cache.kernel_dir(&key);
+    } = &build;
+    let out = cache.kernel_dir(key);
     if let Some(k) = kernel_in(&out) {
         eprintln!(
             "xtask: {} kernel {} is up to date: {}",
@@ -284,10 +297,7 @@ pub fn build(flavour: Flavour) -> Result<Kernel> {
         return Ok(k);
     }
 
-    apply_series(&cache, &base, &version, &patches)?;
-    let obj = cache.obj(flavour);
-    configure(&cache, &obj, flavour)?;
-    let steps = make_bzimage(&cache, &obj, flavour)?;
+    let (obj, steps) = build_objects(&cache, &build, flavour)?;
 
     let release = run_output(make(&cache, &obj).args(["-s", "kernelrelease"]))?;
     let tmp = out.with_extension("tmp");
@@ -324,7 +334,6 @@ pub fn build(flavour: Flavour) -> Result<Kernel> {
     )?;
     let _ = fs::remove_dir_all(&out);
     fs::rename(&tmp, &out)?;
-    fs::write(obj.join(OBJ_KEY), &key)?;
     let k = kernel_in(&out).context("kernel vanished from the cache")?;
     eprintln!(
         "xtask: built {} kernel {} in {}: {}",
@@ -347,22 +356,14 @@ pub fn module_trees(flavour: Flavour) -> Result<(Kernel, PathBuf, PathBuf)> {
     let kernel = build(flavour)?;
     let cache = Cache::new()?;
     let _lock = cache.lock()?;
-    let Build {
-        base,
-        version,
-        patches,
-        key,
-    } = Build::current(&cache, flavour)?;
+    let build = Build::current(&cache, flavour)?;
     let obj = cache.obj(flavour);
-    if fs::read_to_string(obj.join(OBJ_KEY)).ok().as_deref() != Some(key.as_str()) {
+    if fs::read_to_string(obj.join(OBJ_KEY)).ok().as_deref() != Some(build.key.as_str()) {
         eprintln!(
             "xtask: the {} object tree holds another build: rebuilding it for modules",
             flavour.name()
         );
-        apply_series(&cache, &base, &version, &patches)?;
-        configure(&cache, &obj, flavour)?;
-        make_bzimage(&cache, &obj, flavour)?;
-        fs::write(obj.join(OBJ_KEY), &key)?;
+        build_objects(&cache, &build, flavour)?;
     }
     // What `make bzImage` leaves out and module builds need (the module
     // linker script); a no-op once done.
