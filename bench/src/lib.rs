@@ -5,10 +5,14 @@
 //! every [`variants`] entry; [`run`] interleaves the variants in rounds and
 //! pools the samples; [`report`] turns the [`results`] into a table, a
 //! markdown table and an SVG plot; [`trace`] shows where one access's time
-//! goes in the kernel.
+//! goes in the kernel. [`linux_bench`] boots an unmodified Linux guest under
+//! each host and measures its console and edu driver; [`linux_report`]
+//! renders those figures.
 
 pub mod guest;
 pub mod linux;
+pub mod linux_bench;
+pub mod linux_report;
 pub mod process;
 pub mod qemu;
 pub mod report;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use kvm_userdev_bench::results::{Results, RunConfig, System};
 use kvm_userdev_bench::variants::{self, Programs};
-use kvm_userdev_bench::{qemu, report, run, system, trace};
+use kvm_userdev_bench::{linux_bench, linux_report, qemu, report, run, system, trace};
 
 #[derive(Parser)]
 #[command(about = "MMIO latency: kvm-userdev against the classic exit paths and QEMU")]
@@ -42,6 +42,8 @@ enum Cmd {
         /// The CPU model of the machine the VM runs on, for the report.
         #[arg(long, default_value = "")]
         host_cpu: String,
+        #[command(flatten)]
+        linux: LinuxArgs,
     },
     /// Print the table of an earlier run and rewrite its plot and markdown.
     Report { results: PathBuf },
@@ -59,6 +61,31 @@ enum Cmd {
         #[command(flatten)]
         programs: ProgramArgs,
     },
+}
+
+/// The Linux part: an unmodified Linux guest under each host.
+#[derive(clap::Args)]
+struct LinuxArgs {
+    /// Also boot the Linux guest (REPO/target/guest-linux, built by `cargo
+    /// xtask linux`) under every host and measure its console and edu driver.
+    #[arg(long, requires = "repo")]
+    linux: bool,
+    /// Only the Linux part: no MMIO variants. Its figures join the report
+    /// already in OUT, if there is one (replacing an earlier Linux part).
+    #[arg(long, requires = "linux")]
+    linux_only: bool,
+    /// The repository whose target/guest-linux holds the guest.
+    #[arg(long)]
+    repo: Option<PathBuf>,
+    /// Boots per host.
+    #[arg(long, default_value_t = 1)]
+    linux_rounds: u32,
+    /// How long each console measurement writes.
+    #[arg(long, default_value_t = 3.0)]
+    console_seconds: f64,
+    /// Round trips per edu measurement.
+    #[arg(long, default_value_t = 300)]
+    edu_loops: u32,
 }
 
 /// The programs a run starts, as given on the command line.
@@ -111,9 +138,17 @@ fn main() -> Result<()> {
             variants,
             programs,
             host_cpu,
+            linux,
         } => {
             if rounds == 0 || !(1..=4096).contains(&samples) {
                 bail!("--rounds must be at least 1 and --samples 1 to 4096");
+            }
+            if linux.linux
+                && (linux.linux_rounds == 0
+                    || !(0.1..=600.0).contains(&linux.console_seconds)
+                    || linux.edu_loops == 0)
+            {
+                bail!("--linux-rounds and --edu-loops must be at least 1, --console-seconds 0.1 to 600");
             }
             let paths = programs.resolve();
             let chosen = choose(&variants)?;
@@ -129,7 +164,24 @@ fn main() -> Result<()> {
                 samples,
                 warmup,
             };
-            let results = run::run(&chosen, &paths.programs(), system, config)?;
+            let mut results = match linux.linux_only {
+                true => earlier(&out).unwrap_or_else(|| run::empty(system, config)),
+                false => run::run(&chosen, &paths.programs(), system, config)?,
+            };
+            if linux.linux {
+                let repo = linux.repo.as_deref().expect("clap requires --repo");
+                let programs = linux_bench::Programs {
+                    repo,
+                    vmm: &paths.vmm,
+                    qemu: &paths.qemu,
+                };
+                let config = linux_bench::Config {
+                    rounds: linux.linux_rounds,
+                    console_seconds: linux.console_seconds,
+                    loops: linux.edu_loops,
+                };
+                results.linux = Some(linux_bench::run(&programs, &config)?);
+            }
             write(&out, &results)
         }
         Cmd::Report { results } => {
@@ -174,6 +226,12 @@ fn main() -> Result<()> {
     }
 }
 
+/// The results an earlier run left in `out`, if any parse.
+fn earlier(out: &Path) -> Option<Results> {
+    let text = std::fs::read_to_string(out.join("results.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 fn choose(names: &[String]) -> Result<Vec<variants::Variant>> {
     let all = variants::all();
     if names.is_empty() {
@@ -190,27 +248,36 @@ fn choose(names: &[String]) -> Result<Vec<variants::Variant>> {
         .collect()
 }
 
-/// Writes the four report files and prints the table.
+/// Writes the report files (the Linux part's beside the MMIO part's, when
+/// they ran) and prints the tables.
 fn write(out: &Path, results: &Results) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    let files = [
-        (
-            "results.json",
-            serde_json::to_string_pretty(results)? + "\n",
-        ),
-        ("results.svg", report::svg(results)),
-        ("results.md", report::markdown(results)),
-        ("table.txt", report::table(results)),
-    ];
+    let mut files = vec![(
+        "results.json",
+        serde_json::to_string_pretty(results)? + "\n",
+    )];
+    let mut markdown = Vec::new();
+    let mut table = Vec::new();
+    if !results.variants.is_empty() {
+        files.push(("results.svg", report::svg(results)));
+        markdown.push(report::markdown(results));
+        table.push(report::table(results));
+    }
+    if let Some(linux) = &results.linux {
+        files.push(("linux.svg", linux_report::svg(linux)));
+        markdown.push(linux_report::markdown(linux));
+        table.push(linux_report::table(linux));
+    }
+    files.push(("results.md", markdown.join("\n")));
+    files.push(("table.txt", table.join("\n")));
+    let mut names = Vec::new();
     for (name, text) in &files {
         let path = out.join(name);
         std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        names.push(*name);
     }
-    print!("{}", report::table(results));
-    println!(
-        "bench: wrote results.json, results.svg, results.md, table.txt in {}",
-        out.display()
-    );
+    print!("{}", table.join("\n"));
+    println!("bench: wrote {} in {}", names.join(", "), out.display());
     Ok(())
 }
 

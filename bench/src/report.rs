@@ -951,6 +951,7 @@ mod tests {
                     counters: Some(counters),
                 },
             ],
+            linux: None,
         }
     }
 

@@ -36,6 +36,49 @@ pub struct Results {
     /// In the order they ran within a round; the first is the baseline
     /// that ratios are taken against.
     pub variants: Vec<VariantResult>,
+    /// The Linux guest's part (`--linux`), if it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux: Option<LinuxResults>,
+}
+
+/// The Linux guest's figures: the same guest kernel and initramfs booted
+/// under every host (see [`crate::linux_bench`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LinuxResults {
+    /// When the part ended, UTC, `YYYY-MM-DD HH:MM` (it may run in a VM of
+    /// its own, after the MMIO part).
+    pub date: String,
+    /// The vCPUs of the VM the guests ran in.
+    pub vm_cpus: usize,
+    /// Each round boots the guest once under every host, in turn.
+    pub rounds: u32,
+    /// How long each console measurement wrote, in seconds.
+    pub console_seconds: f64,
+    /// Round trips per edu measurement.
+    pub loops: u32,
+    pub hosts: Vec<LinuxHostResult>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LinuxHostResult {
+    /// Short name, e.g. `kvm-userdev`.
+    pub name: String,
+    pub description: String,
+    /// One per metric, in [`crate::linux_bench::METRICS`] order.
+    pub figures: Vec<LinuxFigure>,
+    /// User-device counters summed over the rounds, per device (the
+    /// VMM's `vmm: stats` lines; kvm-userdev only).
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LinuxFigure {
+    pub metric: String,
+    /// The median over the rounds, in the metric's unit.
+    pub value: f64,
+    /// Each round's value, in run order.
+    pub rounds: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

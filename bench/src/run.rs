@@ -79,11 +79,23 @@ pub fn run(
         system,
         config,
         variants,
+        linux: None,
     })
 }
 
+/// The results of a run without MMIO variants (the Linux part alone).
+pub fn empty(system: System, config: RunConfig) -> Results {
+    Results {
+        date: utc_now(),
+        system,
+        config,
+        variants: Vec::new(),
+        linux: None,
+    }
+}
+
 /// Now, UTC, as `YYYY-MM-DD HH:MM`.
-fn utc_now() -> String {
+pub fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

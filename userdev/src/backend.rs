@@ -269,7 +269,7 @@ impl Backend {
     ///
     /// Whatever `handle` does for a record (a shadow-image update above
     /// all) must be done when it returns: KVM serves loads from the shadow
-    /// once that vCPU's stores are consumed.
+    /// once every store queued before them is consumed.
     pub fn consume(&self, handle: impl FnMut(&Access)) -> Result<u32> {
         self.consume_max(u32::MAX, handle)
     }

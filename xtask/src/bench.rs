@@ -5,7 +5,8 @@
 //! `kvm-userdev-bench run` there; that program runs the variants and
 //! writes the report.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -18,20 +19,36 @@ pub struct Options {
     pub variants: Option<String>,
     pub out: PathBuf,
     pub trace: bool,
+    pub linux: Linux,
+    pub linux_rounds: u32,
+}
+
+/// Whether the run includes the Linux part.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Linux {
+    No,
+    Also,
+    Only,
 }
 
 /// A generous bound on one variant's run in the VM (QEMU starts in a few
 /// seconds there; a run with 4096 samples per access type takes longer).
 const PER_RUN: Duration = Duration::from_secs(60);
 const VARIANTS: u32 = 8;
+/// The same for one boot of the Linux guest, and how many hosts boot it.
+const PER_LINUX_BOOT: Duration = Duration::from_secs(240);
+const LINUX_HOSTS: u32 = 4;
 
 pub fn run(opts: &Options) -> Result<i32> {
     let flavour = kernel::Flavour::new(false);
     kernel::build(flavour)?;
+    if opts.linux != Linux::No {
+        crate::linux::build_guest()?;
+    }
     let bins = binaries::build(true)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
     let out = opts.out.canonicalize()?;
-    let payload = bins.guest_dir.join("mmio-bench").display().to_string();
+    let _ = std::fs::remove_file(out.join("host-load.txt"));
     let mut cmd = vec![
         bins.bench.display().to_string(),
         (if opts.trace { "trace" } else { "run" }).into(),
@@ -40,7 +57,7 @@ pub fn run(opts: &Options) -> Result<i32> {
         "--vmm".into(),
         bins.vmm.display().to_string(),
         "--payload".into(),
-        payload,
+        bins.guest_dir.join("mmio-bench").display().to_string(),
         "--samples".into(),
         opts.samples.to_string(),
     ];
@@ -48,43 +65,78 @@ pub fn run(opts: &Options) -> Result<i32> {
         if let Some(first) = opts.variants.as_deref().and_then(|v| v.split(',').next()) {
             cmd.extend(["--variant".into(), first.into()]);
         }
-    } else {
-        cmd.extend([
-            "--rounds".into(),
-            opts.rounds.to_string(),
-            "--host-cpu".into(),
-            // Read here, on the host: in the VM, /proc/cpuinfo names QEMU's CPU.
-            kvm_userdev_bench::system::cpu_model(),
-        ]);
-        if let Some(v) = &opts.variants {
-            cmd.extend(["--variants".into(), v.clone()]);
-        }
-    }
-    let mut vm_opts = vm::VmOptions::new(flavour);
-    vm_opts.scratch = out.clone();
-    let runs = if opts.trace {
-        1
-    } else {
-        VARIANTS * opts.rounds
-    };
-    vm_opts.timeout = Duration::from_secs(120) + PER_RUN * runs;
-    if opts.trace {
         eprintln!(
             "xtask: benchmark: one traced run of {} samples per access type, in the VM",
             opts.samples
         );
-    } else {
+        return in_vm(vm::VmOptions::new(flavour), &out, &cmd, PER_RUN);
+    }
+    cmd.extend([
+        "--rounds".into(),
+        opts.rounds.to_string(),
+        "--host-cpu".into(),
+        // Read here, on the host: in the VM, /proc/cpuinfo names QEMU's CPU.
+        kvm_userdev_bench::system::cpu_model(),
+    ]);
+    if opts.linux != Linux::Only {
+        let mut mmio = cmd.clone();
+        if let Some(v) = &opts.variants {
+            mmio.extend(["--variants".into(), v.clone()]);
+        }
         eprintln!(
             "xtask: benchmark: {} rounds of {} samples per access type, in the VM",
             opts.rounds, opts.samples
         );
+        let code = in_vm(
+            vm::VmOptions::new(flavour),
+            &out,
+            &mmio,
+            PER_RUN * VARIANTS * opts.rounds,
+        )?;
+        if code != 0 || opts.linux == Linux::No {
+            return Ok(code);
+        }
     }
+    // The Linux part boots a VM of its own, the one the Linux guest's tests
+    // use, and adds its figures to the report the MMIO part wrote.
+    cmd.extend([
+        "--linux".into(),
+        "--linux-only".into(),
+        "--repo".into(),
+        crate::util::repo_root().display().to_string(),
+        "--linux-rounds".into(),
+        opts.linux_rounds.to_string(),
+    ]);
+    eprintln!(
+        "xtask: benchmark, Linux part: {} boot(s) of the guest under each of {LINUX_HOSTS} hosts, \
+         in a VM of one vCPU (single-threaded TCG)",
+        opts.linux_rounds
+    );
+    in_vm(
+        vm::VmOptions::for_linux_guests(),
+        &out,
+        &cmd,
+        PER_LINUX_BOOT * LINUX_HOSTS * opts.linux_rounds,
+    )
+}
+
+/// Runs the benchmark command `cmd` in a VM booted with `vm_opts`, which
+/// may take `work` (plus time to boot), with `out` as its scratch
+/// directory; writes how busy the host was meanwhile to
+/// `out/host-load.txt` (appended to, one line per VM).
+fn in_vm(mut vm_opts: vm::VmOptions, out: &Path, cmd: &[String], work: Duration) -> Result<i32> {
+    vm_opts.scratch = out.to_path_buf();
+    vm_opts.timeout = Duration::from_secs(120) + work;
     let before = HostCpu::now()?;
-    let run = vm::run(&vm_opts, &cmd)?;
+    let run = vm::run(&vm_opts, cmd)?;
     let load = HostCpu::now()?.since(&before);
     run.explain();
     eprintln!("{load}");
-    std::fs::write(out.join("host-load.txt"), format!("{load}\n"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("host-load.txt"))?;
+    writeln!(file, "{load}")?;
     Ok(run.exit_code())
 }
 

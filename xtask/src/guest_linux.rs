@@ -1,6 +1,7 @@
-//! The Linux guest's edu pieces: the kernel module `kvm_userdev_edu.ko`
-//! (guest/linux/edu-driver) and the static `edu-tool` that checks it
-//! (guest/linux/edu-tool).
+//! The Linux guest's own pieces: the kernel module `kvm_userdev_edu.ko`
+//! (guest/linux/edu-driver), the static `edu-tool` that checks it
+//! (guest/linux/edu-tool) and the static `console-bench`
+//! (guest/linux/console-bench).
 
 use anyhow::{bail, Context, Result};
 use std::fs;
@@ -11,8 +12,8 @@ use crate::util::{cargo, repo_root, run};
 
 /// The module's name, and so its file's.
 const MODULE: &str = "kvm_userdev_edu";
-/// The tool's target: a full triple, so that the host's RUSTFLAGS reach
-/// only the tool and not build scripts, and so that `crt-static` applies.
+/// The tools' target: a full triple, so that the host's RUSTFLAGS reach
+/// only the tools and not build scripts, and so that `crt-static` applies.
 const TOOL_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds the module against the kernel tree `kernel_src` configured and
@@ -69,12 +70,13 @@ pub fn build_edu_module(kernel_src: &Path, kernel_obj: &Path, out_dir: &Path) ->
     Ok(ko)
 }
 
-/// Builds edu-tool as a fully static binary (the C library linked in, no
-/// program interpreter) and copies it to `out_dir/edu-tool`; returns that
-/// path. The build's own directory is target/guest-linux.
-pub fn build_edu_tool(out_dir: &Path) -> Result<PathBuf> {
+/// Builds the guest program `package` (a binary of the same name) fully
+/// static (the C library linked in, no program interpreter) and copies it
+/// to `out_dir/<package>`; returns that path. The build's own directory is
+/// target/guest-linux.
+pub fn build_static_tool(package: &str, out_dir: &Path) -> Result<PathBuf> {
     let target_dir = repo_root().join("target/guest-linux");
-    eprintln!("xtask: building the static edu-tool");
+    eprintln!("xtask: building the static {package}");
     run(cargo()
         // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -84,19 +86,12 @@ pub fn build_edu_tool(out_dir: &Path) -> Result<PathBuf> {
             "RUSTFLAGS",
             "-C target-feature=+crt-static -C relocation-model=static",
         )
-        .args([
-            "build",
-            "-p",
-            "edu-tool",
-            "--release",
-            "--target",
-            TOOL_TARGET,
-        ])
+        .args(["build", "-p", package, "--release", "--target", TOOL_TARGET])
         .arg("--target-dir")
         .arg(&target_dir))?;
-    let built = target_dir.join(TOOL_TARGET).join("release/edu-tool");
+    let built = target_dir.join(TOOL_TARGET).join("release").join(package);
     fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
-    let tool = out_dir.join("edu-tool");
+    let tool = out_dir.join(package);
     fs::copy(&built, &tool)
         .with_context(|| format!("copy {} to {}", built.display(), tool.display()))?;
     Ok(tool)

@@ -19,7 +19,7 @@ use crate::{binaries, deps, guest_linux, vm};
 const BUSYBOX: &str = "/bin/busybox";
 
 /// Builds what the guest needs into target/guest-linux: the plain kernel
-/// (copied there), the edu module against it, the guest tool, and the
+/// (copied there), the edu module against it, the guest tools, and the
 /// initramfs with them and Debian's busybox-static (installed if missing).
 pub fn build_guest() -> Result<()> {
     deps::ensure_packages(&["busybox-static"])?;
@@ -28,7 +28,8 @@ pub fn build_guest() -> Result<()> {
     let out = repo.join("target/guest-linux");
     std::fs::create_dir_all(&out)?;
     let module = guest_linux::build_edu_module(&src, &obj, &out.join("edu-driver"))?;
-    let tool = guest_linux::build_edu_tool(&out)?;
+    let edu_tool = guest_linux::build_static_tool("edu-tool", &out)?;
+    let console_bench = guest_linux::build_static_tool("console-bench", &out)?;
     std::fs::copy(&kernel.bzimage, guest::kernel(&repo))
         .with_context(|| format!("copy {}", kernel.bzimage.display()))?;
     initramfs::write(
@@ -37,7 +38,8 @@ pub fn build_guest() -> Result<()> {
             init: repo.join("guest/linux/init"),
             files: vec![
                 ("lib/modules/kvm_userdev_edu.ko".into(), module, 0o644),
-                ("bin/edu-tool".into(), tool, 0o755),
+                ("bin/edu-tool".into(), edu_tool, 0o755),
+                ("bin/console-bench".into(), console_bench, 0o755),
             ],
         },
         &guest::initramfs(&repo),

@@ -60,17 +60,22 @@ enum Cmd {
         /// (also in $KVM_USERDEV_SCRATCH there); the kernel log lands in it.
         #[arg(long)]
         scratch: Option<PathBuf>,
+        /// The VM's vCPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// How QEMU's TCG runs them: a host thread each, or one for all.
+        #[arg(long, value_enum, default_value_t = vm::Tcg::Multi)]
+        tcg: vm::Tcg,
         /// The command, run in the current directory.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// fmt, clippy, host tests, then the in-VM tests on the debug kernel.
+    /// fmt, clippy, host tests, the in-VM tests on the debug kernel, then
+    /// the Linux guest's tests in a VM on the plain kernel.
     Test {
-        /// Also the Linux guest's tests, in a second VM on the plain kernel
-        /// (not yet part of CI: in the last runs QEMU TCG's nested SVM
-        /// reset several nested Linux guests, QEMU's own included).
+        /// Leave out the Linux guest's tests (and the plain kernel's build).
         #[arg(long)]
-        linux: bool,
+        no_linux: bool,
     },
     /// Boot an unmodified Linux guest in the VM: its console a 16550A UART
     /// and its edu devices user devices, each served by a sandboxed
@@ -144,6 +149,18 @@ enum Cmd {
         /// access spent its time (trace.txt, trace-summary.txt in OUT).
         #[arg(long)]
         trace: bool,
+        /// Also the Linux part: the Linux guest (`cargo xtask linux`'s)
+        /// booted under our VMM with user devices, with in-process models,
+        /// with socket emulators, and under QEMU; its console throughput,
+        /// edu and interrupt round trips and boot time, in the same report.
+        #[arg(long, conflicts_with = "trace")]
+        linux: bool,
+        /// Only the Linux part.
+        #[arg(long, conflicts_with = "trace")]
+        linux_only: bool,
+        /// Boots per host in the Linux part.
+        #[arg(long, default_value_t = 1)]
+        linux_rounds: u32,
     },
     /// The randomized stress test of the user device for longer than
     /// `cargo xtask test` runs it, after a control arm without the device,
@@ -187,11 +204,15 @@ fn run() -> Result<i32> {
             timeout,
             memory,
             scratch,
+            cpus,
+            tcg,
             cmd,
         } => {
             let mut opts = vm::VmOptions::new(kernel::Flavour::new(debug));
             opts.timeout = Duration::from_secs(timeout);
             opts.memory_mib = memory;
+            opts.cpus = cpus;
+            opts.tcg = tcg;
             if let Some(dir) = scratch {
                 opts.scratch = dir;
             }
@@ -199,7 +220,7 @@ fn run() -> Result<i32> {
             run.explain();
             Ok(run.exit_code())
         }
-        Cmd::Test { linux } => test::run(linux),
+        Cmd::Test { no_linux } => test::run(!no_linux),
         Cmd::Linux {
             host,
             cpus,
@@ -231,10 +252,19 @@ fn run() -> Result<i32> {
             variants,
             out,
             trace,
+            linux,
+            linux_only,
+            linux_rounds,
         } => bench::run(&bench::Options {
             rounds,
             samples,
             variants,
+            linux: match (linux, linux_only) {
+                (_, true) => bench::Linux::Only,
+                (true, false) => bench::Linux::Also,
+                (false, false) => bench::Linux::No,
+            },
+            linux_rounds,
             out: out.unwrap_or_else(|| {
                 util::repo_root().join(if trace {
                     "target/bench-trace"

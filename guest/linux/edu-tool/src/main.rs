@@ -9,8 +9,9 @@
 //! Without `--device` it takes every `/dev/eduN` there is. `--expect-dead`
 //! checks instead that every operation fails (EIO, ENODEV or ETIMEDOUT)
 //! within a bound, for a device whose emulator was killed. `--loop N` runs N
-//! round trips of a factorial with interrupt and an interrupt raise and
-//! acknowledge, and prints the mean time of one.
+//! round trips each of a liveness store and load, a factorial with
+//! interrupt and an interrupt raise and acknowledge, and prints the mean
+//! time of each.
 
 mod uapi;
 
@@ -379,8 +380,10 @@ fn check_dead_device(report: &mut Report, dev: &Path) {
     }
 }
 
-/// `--loop N`: the benchmark's round trip, a factorial with interrupt then
-/// an interrupt raise and acknowledge, N times; checks every answer.
+/// `--loop N`: the benchmark's round trips, N times each, every answer
+/// checked: a liveness store and the load that reads it back (`~value`), a
+/// factorial with interrupt, and an interrupt raise and acknowledge. Prints
+/// the mean of each as `edu-tool: round trips: liveness_us=.. ...`.
 fn loop_device(report: &mut Report, dev: &Path, loops: u64) {
     let edu = match Edu::open(dev) {
         Ok(edu) => edu,
@@ -389,37 +392,39 @@ fn loop_device(report: &mut Report, dev: &Path, loops: u64) {
             return;
         }
     };
+    let mut in_liveness = Duration::ZERO;
     let mut in_factorial = Duration::ZERO;
     let mut in_raise = Duration::ZERO;
     for i in 0..loops {
+        let probe = LIVENESS_VALUES[(i % LIVENESS_VALUES.len() as u64) as usize];
         let n = (i % u64::from(FACTORIAL_MAX + 1)) as u32;
-        let started = Instant::now();
-        let fact = edu.factorial(n, true);
-        let middle = Instant::now();
         let value = 1u32 << (i % 31);
+        let t0 = Instant::now();
+        let live = edu.liveness(probe);
+        let t1 = Instant::now();
+        let fact = edu.factorial(n, true);
+        let t2 = Instant::now();
         let raised = edu.raise(value);
-        in_raise += middle.elapsed();
-        in_factorial += middle - started;
+        in_raise += t2.elapsed();
+        in_factorial += t2 - t1;
+        in_liveness += t1 - t0;
 
         let what = format_args!("loop {i}");
-        match (fact, raised) {
-            (Ok(got), _) if got != factorial(n) => {
-                let want = factorial(n);
-                let detail = format_args!("{n}! read {got:#x}, want {want:#x}");
-                report.check(dev, what, false, detail);
-                return;
+        let detail = match (live, fact, raised) {
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => format!("error: {e}"),
+            (Ok(got), _, _) if got != !probe => {
+                format!("liveness {probe:#x} read {got:#x}, want {:#x}", !probe)
             }
-            (_, Ok((seen, status))) if seen != value || status != 0 => {
-                let detail = format_args!("raised {value:#x}, saw {seen:#x}, status {status:#x}");
-                report.check(dev, what, false, detail);
-                return;
+            (_, Ok(got), _) if got != factorial(n) => {
+                format!("{n}! read {got:#x}, want {:#x}", factorial(n))
             }
-            (Err(e), _) | (_, Err(e)) => {
-                report.check(dev, what, false, format_args!("error: {e}"));
-                return;
+            (_, _, Ok((seen, status))) if seen != value || status != 0 => {
+                format!("raised {value:#x}, saw {seen:#x}, status {status:#x}")
             }
-            _ => {}
-        }
+            _ => continue,
+        };
+        report.check(dev, what, false, detail);
+        return;
     }
     let mean_us = |d: Duration| d.as_secs_f64() * 1e6 / loops as f64;
     report.check(
@@ -427,11 +432,15 @@ fn loop_device(report: &mut Report, dev: &Path, loops: u64) {
         format_args!("loop {loops}"),
         true,
         format_args!(
-            "mean {:.1} us per round trip (factorial irq {:.1} us + raise/ack {:.1} us)",
-            mean_us(in_factorial + in_raise),
-            mean_us(in_factorial),
-            mean_us(in_raise)
+            "mean {:.1} us per loop",
+            mean_us(in_liveness + in_factorial + in_raise)
         ),
+    );
+    println!(
+        "edu-tool: round trips: liveness_us={:.2} factorial_irq_us={:.2} raise_ack_us={:.2}",
+        mean_us(in_liveness),
+        mean_us(in_factorial),
+        mean_us(in_raise)
     );
 }
 
