@@ -95,6 +95,8 @@ fn host_description(host: Host) -> &'static str {
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
     pub rounds: u32,
+    /// The guest's vCPUs.
+    pub guest_cpus: u8,
     pub console_seconds: f64,
     pub loops: u32,
 }
@@ -169,6 +171,7 @@ fn parse_console(console: &str, values: &mut BTreeMap<&'static str, f64>) -> Res
 /// Boots the guest once under `host` and measures.
 fn run_host(host: Host, programs: &Programs, config: &Config) -> Result<Sample> {
     let mut boot = Boot::new(host);
+    boot.cpus = config.guest_cpus;
     boot.edu = 1;
     boot.command = Some(guest_command(config));
     boot.timeout_s = 600;
@@ -290,6 +293,7 @@ pub fn run(programs: &Programs, config: &Config) -> Result<LinuxResults> {
     Ok(LinuxResults {
         date: crate::run::utc_now(),
         vm_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        guest_cpus: config.guest_cpus,
         rounds: config.rounds,
         console_seconds: config.console_seconds,
         loops: config.loops,
@@ -363,6 +367,7 @@ mod tests {
     fn command_measures_in_order() {
         let c = guest_command(&Config {
             rounds: 1,
+            guest_cpus: 1,
             console_seconds: 3.0,
             loops: 300,
         });

@@ -47,14 +47,19 @@ fn cell(linux: &LinuxResults, host: &LinuxHostResult, m: &Metric) -> String {
 
 fn heading(linux: &LinuxResults) -> String {
     format!(
-        "Linux guest on 2 vCPUs, in a VM of {} vCPU(s), {} UTC: median of {} boot(s) per host; \
+        "Linux guest on {} vCPU(s), in a VM of {} vCPU(s), {}: median of {} boot(s) per host; \
          console output for {} s per path, {} edu round trips; (N×) is the speed against \
          {REFERENCE} in the same run, above 1 faster",
-        linux.vm_cpus, linux.date, linux.rounds, linux.console_seconds, linux.loops
+        linux.guest_cpus,
+        linux.vm_cpus,
+        linux.date,
+        linux.rounds,
+        linux.console_seconds,
+        linux.loops
     )
 }
 
-/// The counters of every host that has them, one line per device.
+/// The non-zero counters of every host's devices, one line per device.
 fn counter_lines(linux: &LinuxResults) -> Vec<String> {
     let mut lines = Vec::new();
     for host in &linux.hosts {
@@ -64,15 +69,10 @@ fn counter_lines(linux: &LinuxResults) -> Vec<String> {
                 .filter(|(_, v)| **v > 0)
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
-            lines.push(format!(
-                "{} {device}: {}",
-                host.name,
-                if shown.is_empty() {
-                    "all zero".to_string()
-                } else {
-                    shown.join(" ")
-                }
-            ));
+            // In-process and socket hosts print zeros: no user device.
+            if !shown.is_empty() {
+                lines.push(format!("{} {device}: {}", host.name, shown.join(" ")));
+            }
         }
     }
     lines
@@ -288,6 +288,7 @@ mod tests {
         LinuxResults {
             date: "2026-11-29 12:00".into(),
             vm_cpus: 1,
+            guest_cpus: 1,
             rounds: 1,
             console_seconds: 3.0,
             loops: 300,

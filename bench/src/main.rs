@@ -80,6 +80,9 @@ struct LinuxArgs {
     /// Boots per host.
     #[arg(long, default_value_t = 1)]
     linux_rounds: u32,
+    /// The guest's vCPUs.
+    #[arg(long, default_value_t = 1)]
+    linux_cpus: u8,
     /// How long each console measurement writes.
     #[arg(long, default_value_t = 3.0)]
     console_seconds: f64,
@@ -145,10 +148,14 @@ fn main() -> Result<()> {
             }
             if linux.linux
                 && (linux.linux_rounds == 0
+                    || linux.linux_cpus == 0
                     || !(0.1..=600.0).contains(&linux.console_seconds)
                     || linux.edu_loops == 0)
             {
-                bail!("--linux-rounds and --edu-loops must be at least 1, --console-seconds 0.1 to 600");
+                bail!(
+                    "--linux-rounds, --linux-cpus and --edu-loops must be at least 1, \
+                     --console-seconds 0.1 to 600"
+                );
             }
             let paths = programs.resolve();
             let chosen = choose(&variants)?;
@@ -177,6 +184,7 @@ fn main() -> Result<()> {
                 };
                 let config = linux_bench::Config {
                     rounds: linux.linux_rounds,
+                    guest_cpus: linux.linux_cpus,
                     console_seconds: linux.console_seconds,
                     loops: linux.edu_loops,
                 };

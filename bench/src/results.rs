@@ -48,8 +48,9 @@ pub struct LinuxResults {
     /// When the part ended, UTC, `YYYY-MM-DD HH:MM` (it may run in a VM of
     /// its own, after the MMIO part).
     pub date: String,
-    /// The vCPUs of the VM the guests ran in.
+    /// The vCPUs of the VM the guests ran in, and the guests' own.
     pub vm_cpus: usize,
+    pub guest_cpus: u8,
     /// Each round boots the guest once under every host, in turn.
     pub rounds: u32,
     /// How long each console measurement wrote, in seconds.

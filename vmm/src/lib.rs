@@ -23,6 +23,7 @@ pub mod memory;
 pub mod mptable;
 pub mod pci;
 mod realmode;
+pub mod rtc;
 pub mod spawn;
 
 pub use realmode::{Error, RealModeVm};

@@ -23,6 +23,7 @@ use crate::linux::{self, Linux};
 use crate::memory::Ram;
 use crate::mptable::{self, PciIrq};
 use crate::pci::{self, Function};
+use crate::rtc;
 use crate::{boot, console, irq};
 use emulator::handoff::Transport;
 use emulator::model::Placement;
@@ -191,6 +192,7 @@ pub struct Slot {
 pub struct Devices {
     bus: pci::Bus,
     pub slots: Vec<Slot>,
+    rtc: rtc::Cmos,
 }
 
 /// The VM's parts that outlive the vCPU threads that use them. Fields drop
@@ -239,6 +241,7 @@ impl Machine {
         let mut devices = Devices {
             bus: pci::Bus::new(),
             slots: Vec::new(),
+            rtc: rtc::Cmos::default(),
         };
         devices.bus.add(Function::host_bridge());
         let mut console = None;
@@ -449,6 +452,7 @@ impl Shared {
                 return Some(pci::le(data));
             }
             CONTROL_PORT => self.control(pci::le(data)),
+            rtc::INDEX_PORT | rtc::DATA_PORT => self.devices().rtc.write(port, data[0]),
             pci::CONFIG_ADDRESS..=0xcff => self.devices().config_write(&self.vm, port, data),
             _ => {
                 let value = u64::from(pci::le(data));
@@ -462,6 +466,7 @@ impl Shared {
     /// A port load.
     fn io_in(&self, port: u16, data: &mut [u8]) {
         match port {
+            rtc::INDEX_PORT | rtc::DATA_PORT => data.fill(self.devices().rtc.read(port)),
             pci::CONFIG_ADDRESS..=0xcff => self.devices().bus.io_read(port, data),
             _ => {
                 let value = self

@@ -21,6 +21,7 @@ pub struct Options {
     pub trace: bool,
     pub linux: Linux,
     pub linux_rounds: u32,
+    pub linux_cpus: u8,
 }
 
 /// Whether the run includes the Linux part.
@@ -106,6 +107,8 @@ pub fn run(opts: &Options) -> Result<i32> {
         crate::util::repo_root().display().to_string(),
         "--linux-rounds".into(),
         opts.linux_rounds.to_string(),
+        "--linux-cpus".into(),
+        opts.linux_cpus.to_string(),
     ]);
     eprintln!(
         "xtask: benchmark, Linux part: {} boot(s) of the guest under each of {LINUX_HOSTS} hosts, \

@@ -66,7 +66,8 @@ pub fn run(boot: &Boot, vm_flavour: Flavour, command: &[String]) -> Result<i32> 
             .collect::<Vec<_>>()
             .join(" ")
     });
-    let mut opts = vm::VmOptions::new(vm_flavour);
+    let mut opts = vm::VmOptions::for_linux_guests();
+    opts.flavour = vm_flavour;
     opts.timeout = Duration::from_secs(boot.timeout_s + 120);
     opts.interactive = boot.command.is_none();
     let run =

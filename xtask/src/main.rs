@@ -161,6 +161,10 @@ enum Cmd {
         /// Boots per host in the Linux part.
         #[arg(long, default_value_t = 1)]
         linux_rounds: u32,
+        /// The Linux guest's vCPUs in the Linux part (default 1: its VM
+        /// has one, see the README).
+        #[arg(long, default_value_t = 1)]
+        linux_cpus: u8,
     },
     /// The randomized stress test of the user device for longer than
     /// `cargo xtask test` runs it, after a control arm without the device,
@@ -255,6 +259,7 @@ fn run() -> Result<i32> {
             linux,
             linux_only,
             linux_rounds,
+            linux_cpus,
         } => bench::run(&bench::Options {
             rounds,
             samples,
@@ -265,6 +270,7 @@ fn run() -> Result<i32> {
                 (false, false) => bench::Linux::No,
             },
             linux_rounds,
+            linux_cpus,
             out: out.unwrap_or_else(|| {
                 util::repo_root().join(if trace {
                     "target/bench-trace"

@@ -73,8 +73,8 @@ impl VmOptions {
 }
 
 impl VmOptions {
-    /// The VM that nested Linux guests run in, for the tests and the
-    /// benchmark: the plain kernel (a nested Linux boot on the debug kernel
+    /// The VM that nested Linux guests run in (`cargo xtask linux`, the
+    /// tests and the benchmark): the plain kernel (a nested Linux boot on the debug kernel
     /// takes minutes), one vCPU under single-threaded TCG. On two vCPUs
     /// under multi-threaded TCG, QEMU's nested SVM reset about one nested
     /// Linux guest in three (QEMU's own guest too), which it was not seen to
