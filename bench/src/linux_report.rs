@@ -6,6 +6,7 @@
 //! above 1 is faster than QEMU for every metric alike.
 
 use crate::linux_bench::{Metric, METRICS};
+use crate::report::{percentile, xml_escape, PALETTE};
 use crate::results::{LinuxHostResult, LinuxResults};
 
 /// The host the speeds are taken against.
@@ -19,11 +20,32 @@ fn value(host: &LinuxHostResult, key: &str) -> Option<f64> {
         .filter(|v| v.is_finite() && *v > 0.0)
 }
 
-/// `host`'s speed against the reference for `m`: above 1 is faster.
+/// `host`'s speed against the reference for `m`: above 1 is faster. The
+/// median over the rounds of each round's speed, since the machine drifts
+/// from round to round more than the hosts differ within one (as the MMIO
+/// part's floor ratios); the ratio of the medians if the rounds do not pair.
 pub fn speed(linux: &LinuxResults, host: &LinuxHostResult, m: &Metric) -> Option<f64> {
     let reference = linux.hosts.iter().find(|h| h.name == REFERENCE)?;
-    let (v, r) = (value(host, m.key)?, value(reference, m.key)?);
-    Some(if m.higher_is_better { v / r } else { r / v })
+    let ratio = |v: f64, r: f64| if m.higher_is_better { v / r } else { r / v };
+    let rounds = |h: &LinuxHostResult| {
+        h.figures
+            .iter()
+            .find(|f| f.metric == m.key)
+            .map(|f| f.rounds.clone())
+            .unwrap_or_default()
+    };
+    let (hr, rr) = (rounds(host), rounds(reference));
+    let mut paired: Vec<f64> = hr
+        .iter()
+        .zip(&rr)
+        .map(|(&v, &r)| ratio(v, r))
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .collect();
+    if !hr.is_empty() && hr.len() == rr.len() && paired.len() == hr.len() {
+        paired.sort_by(f64::total_cmp);
+        return Some(percentile(&paired, 50.0));
+    }
+    Some(ratio(value(host, m.key)?, value(reference, m.key)?))
 }
 
 fn fmt_value(v: f64) -> String {
@@ -49,7 +71,7 @@ fn heading(linux: &LinuxResults) -> String {
     format!(
         "Linux guest on {} vCPU(s), in a VM of {} vCPU(s), {}: median of {} boot(s) per host; \
          console output for {} s per path, {} edu round trips; (N×) is the speed against \
-         {REFERENCE} in the same run, above 1 faster",
+         {REFERENCE} (median over the rounds of each round's), above 1 faster",
         linux.guest_cpus,
         linux.vm_cpus,
         linux.date,
@@ -166,8 +188,6 @@ pub fn markdown(linux: &LinuxResults) -> String {
     lines.join("\n") + "\n"
 }
 
-const PALETTE: [&str; 4] = ["#0072B2", "#E69F00", "#009E73", "#000000"];
-
 /// Bars of every host's speed against QEMU, grouped by metric, on a linear
 /// axis with QEMU's 1 marked.
 pub fn svg(linux: &LinuxResults) -> String {
@@ -251,12 +271,6 @@ pub fn svg(linux: &LinuxResults) -> String {
     out.join("\n") + "\n"
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +339,15 @@ mod tests {
         let svg = svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect x=\"150\"").count(), 2 * 5 + 2);
+    }
+
+    #[test]
+    fn speeds_pair_the_rounds() {
+        let mut r = fixture();
+        // Round 2 ran on a machine twice as slow for both hosts.
+        r.hosts[0].figures[3].rounds = vec![100.0, 200.0, 90.0];
+        r.hosts[1].figures[3].rounds = vec![50.0, 100.0, 60.0];
+        assert_eq!(speed(&r, &r.hosts[0], &METRICS[3]), Some(0.5));
     }
 
     #[test]

@@ -522,7 +522,7 @@ fn md_escape(s: &str) -> String {
 /// Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 /// Yellow and black come last: yellow is faint on white and black hides the
 /// whiskers.
-const PALETTE: [&str; 8] = [
+pub(crate) const PALETTE: [&str; 8] = [
     "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
 ];
 
@@ -773,7 +773,7 @@ fn text(x: f64, y: f64, attrs: &str, content: &str) -> String {
     )
 }
 
-fn xml_escape(s: &str) -> String {
+pub(crate) fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
