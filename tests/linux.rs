@@ -86,7 +86,12 @@ fn boot(host: Host, command: &str) -> Boot {
 }
 
 fn command(boot: &Boot) -> Command {
-    let argv = boot.command(&repo(), &repo().join("target/debug/vmm"));
+    let mut argv = boot.command(&repo(), &repo().join("target/debug/vmm"));
+    if boot.host == Host::Qemu {
+        // Our VMM ends itself after --timeout; QEMU has no such bound.
+        let bound = ["timeout", "-s", "KILL", &TIMEOUT_S.to_string()].map(String::from);
+        argv.splice(0..0, bound);
+    }
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     cmd
