@@ -273,15 +273,14 @@ fn with_testbed_retry(label: &str, host: Host, attempt: impl Fn() -> Run) -> Run
     }
     let mark = format!("testbed-fault: {label}: {why}; running the guest again\n");
     let _ = std::io::stderr().write_all(mark.as_bytes());
-    if let Some(t) = &trace {
+    if trace.is_some() {
         let _ = std::fs::write(format!("{TRACING}/trace"), "");
-        let r = attempt();
-        if r.testbed_death(host).is_some() {
-            t.keep(&format!("{label}-again"));
-        }
-        return r;
     }
-    attempt()
+    let r = attempt();
+    if let (Some(t), Some(_)) = (&trace, r.testbed_death(host)) {
+        t.keep(&format!("{label}-again"));
+    }
+    r
 }
 
 /// The pids of the running emulators, oldest first (the VMM starts them
