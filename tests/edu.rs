@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use kvm_userdev_bench::results::ACCESSES;
-use kvm_userdev_bench::variants::{DOORBELL, POLL_NS_PARAMETER, SYNC_LOAD_REGISTER};
+use kvm_userdev_bench::variants::{DOORBELL, USER, WOKEN_DOORBELL};
 use userdev::{stats, Stats};
 
 fn repo() -> PathBuf {
@@ -91,11 +91,17 @@ fn vmm_with(payload: &str, args: &[&str], emulator: Option<PathBuf>) -> Run {
 /// The benchmark payload under the user device as the benchmark's
 /// kvm-userdev variant runs it: edu's factorial register forwarded, an
 /// ioeventfd at the doorbell; `extra` VMM arguments on top.
+/// The benchmark payload under the benchmark's kvm-userdev variant, with
+/// `extra` arguments for the VMM.
 fn mmio_bench(samples: u64, extra: &[&str]) -> Run {
-    let cmdline = format!("samples={samples} warmup=2 doorbell={DOORBELL:#x}");
+    let cmdline = format!(
+        "samples={samples} warmup=2 doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"
+    );
     let doorbell = format!("{DOORBELL:#x}");
+    let woken = format!("{WOKEN_DOORBELL:#x}");
     let mut args = vec!["--cmdline", &cmdline, "--doorbell", &doorbell];
-    args.extend(["--forward", SYNC_LOAD_REGISTER]);
+    args.extend(["--woken-doorbell", &woken]);
+    args.extend(USER);
     args.extend(extra);
     vmm_with("mmio-bench", &args, None)
 }
@@ -160,36 +166,56 @@ fn edu_features_forwarded_over_a_socket() {
 }
 
 /// The benchmark payload checks every answer it times; under the user
-/// device its accesses take the paths the benchmark says they take. Run
-/// with polling on both sides, as the benchmark's polling variant does, so
-/// that the kernel's reply watch runs here too.
+/// device its accesses take the paths the benchmark says they take: with
+/// the default settings (adaptive polling on both sides), without polling,
+/// and with handoff, as the benchmark's variants do.
 #[test]
 fn bench_payload_paths() {
     const SAMPLES: u64 = 20;
-    std::fs::write(POLL_NS_PARAMETER, "100000").expect("set kvm.user_dev_poll_ns");
-    let run = mmio_bench(SAMPLES, &["--emulator-arg=--poll-us", "--emulator-arg=200"]);
-    std::fs::write(POLL_NS_PARAMETER, "0").expect("reset kvm.user_dev_poll_ns");
-    assert!(
-        run.status == Some(0) && run.stdout.contains("bench: done"),
-        "mmio-bench did not finish cleanly (status {:?})",
-        run.status
-    );
-    // Every access type the report expects.
-    for access in ACCESSES {
+    let configurations: [&[&str]; 3] = [
+        &[],
+        &[
+            "--poll-ns",
+            "0",
+            "--emulator-arg=--poll-us",
+            "--emulator-arg=0",
+        ],
+        &[
+            "--poll-ns",
+            "0",
+            "--emulator-arg=--poll-us",
+            "--emulator-arg=0",
+            "--handoff",
+        ],
+    ];
+    for extra in configurations {
+        let run = mmio_bench(SAMPLES, extra);
         assert!(
-            run.stdout
-                .contains(&format!("bench: samples {access} {SAMPLES} ")),
-            "no {access} samples"
+            run.status == Some(0) && run.stdout.contains("bench: done"),
+            "mmio-bench {extra:?} did not finish cleanly (status {:?})",
+            run.status
         );
+        // Every access type the report expects.
+        for access in ACCESSES {
+            assert!(
+                run.stdout
+                    .contains(&format!("bench: samples {access} {SAMPLES} ")),
+                "{extra:?}: no {access} samples"
+            );
+        }
+        let s = &run.stats()[0];
+        assert_clean(s);
+        // Loads of the identification register, two per round of timed
+        // loads (load, store-load-other, where it passes the pending
+        // store): from the shadow image; the forwarded factorial
+        // register: from the emulator; stores to the unused register:
+        // batched.
+        let timed = SAMPLES + 2;
+        assert!(s.shadow_loads >= 2 * timed, "{extra:?}: {s:?}");
+        assert!(s.forwarded_loads >= timed, "{extra:?}: {s:?}");
+        assert!(s.posted_stores >= 4 * timed, "{extra:?}: {s:?}");
+        assert!(s.batched_stores >= timed, "{extra:?}: {s:?}");
     }
-    let s = &run.stats()[0];
-    assert_clean(s);
-    // Loads of the identification register, one per timed load: from the
-    // shadow image; the forwarded factorial register: from the emulator.
-    let timed = SAMPLES + 2;
-    assert!(s.shadow_loads >= timed, "{s:?}");
-    assert!(s.forwarded_loads >= timed, "{s:?}");
-    assert!(s.posted_stores >= 3 * timed, "{s:?}");
 }
 
 /// The user device's tracepoints fire on each path, between the vCPU's

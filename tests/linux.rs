@@ -368,12 +368,12 @@ fn linux_guest_on_user_devices() {
     assert_eq!(r.stdout.matches("msi\n").count(), 2, "both devices use MSI");
     assert!(r.stdout.contains("edu-tool: PASS: 2 device(s)"));
     assert!(r.stdout.contains("edu1-failed"));
-    // Every path carried UART accesses: THR stores posted, LSR polls from
-    // the shadow image, RBR and IIR (and loads right behind a store)
-    // forwarded.
+    // Every path carried UART accesses: THR stores posted and batched, LSR
+    // polls from the shadow image (also right behind a THR store), RBR and
+    // IIR (and other loads right behind a store) forwarded.
     let s = r.stats("uart16550a");
     assert!(
-        s.posted_stores > 0 && s.shadow_loads > 0 && s.forwarded_loads > 0,
+        s.posted_stores > 0 && s.batched_stores > 0 && s.shadow_loads > 0 && s.forwarded_loads > 0,
         "{s:?}"
     );
     assert_eq!((s.timeouts, s.dropped_stores), (0, 0), "{s:?}");

@@ -5,11 +5,12 @@
 //! every [`variants`] entry; [`run`] interleaves the variants in rounds and
 //! pools the samples; [`report`] turns the [`results`] into a table, a
 //! markdown table and an SVG plot; [`trace`] shows where one access's time
-//! goes in the kernel. [`linux_bench`] boots an unmodified Linux guest under
+//! goes in the kernel; [`idle`] what an idle guest costs. [`linux_bench`] boots an unmodified Linux guest under
 //! each host and measures its console and edu driver; [`linux_report`]
 //! renders those figures.
 
 pub mod guest;
+pub mod idle;
 pub mod linux;
 pub mod linux_bench;
 pub mod linux_report;

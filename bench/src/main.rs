@@ -34,6 +34,10 @@ enum Cmd {
         /// Untimed accesses before those.
         #[arg(long, default_value_t = 20)]
         warmup: u32,
+        /// After the rounds, how long each variant of our VMM is measured
+        /// with the guest idle (0: not).
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u32,
         /// Only these variants (comma-separated; the first is the baseline).
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
             rounds,
             samples,
             warmup,
+            idle_seconds,
             variants,
             programs,
             host_cpu,
@@ -170,6 +175,7 @@ fn main() -> Result<()> {
                 rounds,
                 samples,
                 warmup,
+                idle_seconds,
             };
             let mut results = match linux.linux_only {
                 true => earlier(&out).unwrap_or_else(|| run::empty(system, config)),

@@ -145,6 +145,7 @@ pub fn table(results: &Results) -> String {
     lines.extend(access_blocks(results));
     lines.extend(floor_section(results));
     lines.extend(counter_section(results));
+    lines.extend(idle_section(results));
     lines.extend(legend_section(results));
     lines.push(format!("note: {NOTE}"));
     lines.join("\n") + "\n"
@@ -387,6 +388,45 @@ fn counter_section(results: &Results) -> Vec<String> {
     lines
 }
 
+/// What each variant of our VMM cost the host while the guest was idle.
+fn idle_section(results: &Results) -> Vec<String> {
+    let rows: Vec<Vec<String>> = results
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let c = v.idle.as_ref()?;
+            Some(vec![
+                v.name.clone(),
+                format!("{:.2}%", c.total_percent()),
+                format!("{:.2}%", c.vmm_percent),
+                format!("{:.2}%", c.emulator_percent),
+            ])
+        })
+        .collect();
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let header = vec![
+        "variant".to_string(),
+        "CPU".to_string(),
+        "VMM".to_string(),
+        "emulator".to_string(),
+    ];
+    let widths = column_widths(std::iter::once(&header).chain(rows.iter()));
+    let right = [false, true, true, true];
+    let mut lines = vec![format!(
+        "idle guest — percent of one CPU while it halts for {} s (the VMM with its vCPU threads, and the emulator)",
+        results.config.idle_seconds
+    )];
+    lines.extend(
+        std::iter::once(&header)
+            .chain(rows.iter())
+            .map(|row| format!("  {}", render_row(row, &widths, &right))),
+    );
+    lines.push(String::new());
+    lines
+}
+
 fn legend_section(results: &Results) -> Vec<String> {
     if results.variants.is_empty() {
         return Vec::new();
@@ -441,7 +481,42 @@ pub fn markdown(results: &Results) -> String {
     lines.push(String::new());
     lines.push(md_context(results));
     lines.extend(md_floor(results));
+    lines.extend(md_idle(results));
     lines.join("\n") + "\n"
+}
+
+/// The idle costs as a third table, variants of our VMM as rows.
+fn md_idle(results: &Results) -> Vec<String> {
+    let rows: Vec<_> = results
+        .variants
+        .iter()
+        .filter_map(|v| Some((v, v.idle.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec![String::new()];
+    lines.push(md_row(&[
+        format!("idle {} s, % of one CPU", results.config.idle_seconds),
+        "all".to_string(),
+        "VMM and vCPUs".to_string(),
+        "emulator".to_string(),
+    ]));
+    lines.push(md_row(&[
+        "---".to_string(),
+        "---:".to_string(),
+        "---:".to_string(),
+        "---:".to_string(),
+    ]));
+    for (v, c) in rows {
+        lines.push(md_row(&[
+            md_escape(&v.name),
+            format!("{:.2}", c.total_percent()),
+            format!("{:.2}", c.vmm_percent),
+            format!("{:.2}", c.emulator_percent),
+        ]));
+    }
+    lines
 }
 
 /// The floor ratios as a second table, variants as rows.
@@ -926,6 +1001,7 @@ mod tests {
                 rounds: 5,
                 samples: 1000,
                 warmup: 100,
+                idle_seconds: 0,
             },
             variants: vec![
                 VariantResult {
@@ -938,6 +1014,7 @@ mod tests {
                         access("load", 50.0),
                     ],
                     counters: None,
+                    idle: None,
                 },
                 VariantResult {
                     name: "kvm-userdev".to_string(),
@@ -949,6 +1026,7 @@ mod tests {
                         access("irq", 200.0),
                     ],
                     counters: Some(counters),
+                    idle: None,
                 },
             ],
             linux: None,
@@ -973,6 +1051,7 @@ mod tests {
                 rounds("load", vec![50.0, 90.0, 55.0]),
             ],
             counters: None,
+            idle: None,
         };
         let r = floor_ratios(&v);
         assert_eq!(

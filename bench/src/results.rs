@@ -3,13 +3,16 @@
 use serde::{Deserialize, Serialize};
 
 /// The access types the guest payload times, in report order.
-pub const ACCESSES: [&str; 7] = [
+pub const ACCESSES: [&str; 10] = [
     "cpuid",
     "ioeventfd-store",
+    "ioeventfd-wake",
     "store",
+    "batched-store",
     "load",
     "sync-load",
     "store-load",
+    "store-load-other",
     "irq",
 ];
 
@@ -17,11 +20,16 @@ pub const ACCESSES: [&str; 7] = [
 pub fn access_description(access: &str) -> &'static str {
     match access {
         "cpuid" => "null exit handled in KVM (floor)",
-        "ioeventfd-store" => "MMIO store absorbed by an ioeventfd (floor)",
+        "ioeventfd-store" => "MMIO store absorbed by an ioeventfd nobody waits on (floor)",
+        "ioeventfd-wake" => {
+            "MMIO store to an ioeventfd that wakes a process sleeping on it (floor)"
+        }
         "store" => "store to a register (edu: 4 bytes, pci-testdev: 1 byte)",
+        "batched-store" => "store that needs no prompt service (edu: an unused offset)",
         "load" => "4-byte load of a side-effect-free register",
         "sync-load" => "4-byte load that must reach the device model",
         "store-load" => "store, then load of the same register",
+        "store-load-other" => "store, then load of a register that does not depend on it",
         "irq" => "interrupt round trip: raise, handler, acknowledge",
         _ => "",
     }
@@ -104,6 +112,9 @@ pub struct RunConfig {
     /// Timed accesses per access type and run (after the warm-up).
     pub samples: u32,
     pub warmup: u32,
+    /// How long each variant of our VMM was measured idle (0: not).
+    #[serde(default)]
+    pub idle_seconds: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -122,6 +133,9 @@ pub struct VariantResult {
     /// only), by name: posted_stores, shadow_loads, forwarded_loads, ...,
     /// stalled_accesses (the keys of the VMM's `vmm: stats` line).
     pub counters: Option<std::collections::BTreeMap<String, u64>>,
+    /// What the guest cost the host while idle (variants of our VMM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<crate::idle::IdleCost>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

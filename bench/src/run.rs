@@ -60,10 +60,31 @@ pub fn run(
             );
         }
     }
+    let mut idle = Vec::new();
+    for v in variants {
+        let cost = if config.idle_seconds > 0 {
+            v.idle_cost(programs, config.idle_seconds)
+                .with_context(|| format!("variant {} (idle)", v.name))?
+        } else {
+            None
+        };
+        if let Some(c) = &cost {
+            eprintln!(
+                "bench: {} idle {:.1}s: {:.2}% of a CPU (VMM {:.2}%, emulator {:.2}%)",
+                v.name,
+                c.seconds,
+                c.total_percent(),
+                c.vmm_percent,
+                c.emulator_percent
+            );
+        }
+        idle.push(cost);
+    }
     let variants = variants
         .iter()
         .zip(collected)
-        .map(|(v, c)| VariantResult {
+        .zip(idle)
+        .map(|((v, c), idle)| VariantResult {
             name: v.name.to_string(),
             description: v.description.to_string(),
             device: v.device.to_string(),
@@ -72,6 +93,7 @@ pub fn run(
                 .filter_map(|a| Some(summarize(a, c.samples.get(*a)?)))
                 .collect(),
             counters: (!c.counters.is_empty()).then_some(c.counters),
+            idle,
         })
         .collect();
     Ok(Results {

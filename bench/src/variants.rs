@@ -6,15 +6,21 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::idle::{self, IdleCost};
 use crate::qemu::{self, tail};
 use userdev::stats;
 
 /// Where our VMM puts its ioeventfd doorbell (the guest's doorbell window).
 pub const DOORBELL: u64 = 0xd000_0000;
+/// Where it puts the doorbell whose eventfd another process sleeps on.
+pub const WOKEN_DOORBELL: u64 = 0xd000_1000;
 /// The edu register the kvm-userdev variant keeps out of the shadow image,
 /// so that its loads reach the emulator (the guest's sync-load register,
 /// `edu_regs::FACTORIAL`; a string for the VMM's command line).
 pub const SYNC_LOAD_REGISTER: &str = "0x8";
+/// The edu offset whose stores the kvm-userdev variants batch (the guest's
+/// batched-store register, `edu_regs::UNUSED`).
+pub const BATCH_REGISTER: &str = "0x10";
 
 #[derive(Clone, Debug)]
 pub struct Variant {
@@ -28,8 +34,6 @@ pub struct Variant {
 enum How {
     /// Our VMM with these arguments.
     Vmm(&'static [&'static str]),
-    /// The same, with the kernel's `user_dev_poll_ns` set for the run.
-    VmmPolling(&'static [&'static str], u32),
     QemuInProcess(qemu::Device),
     QemuMultiProcess,
 }
@@ -39,25 +43,61 @@ pub fn all() -> Vec<Variant> {
     vec![
         Variant {
             name: "kvm-userdev",
-            description: "user device: stores posted, loads from the shadow image, sync-load forwarded to the sandboxed emulator",
+            description: "user device, default settings: stores posted (batched-store batched), loads from the shadow image, sync-load forwarded to the sandboxed emulator; the emulator and a waiting vCPU poll adaptively (up to 200 µs)",
             device: "edu",
-            how: How::Vmm(&["--serve", "user", "--forward", SYNC_LOAD_REGISTER]),
+            how: How::Vmm(USER),
         },
         Variant {
             name: "kvm-userdev-poll",
-            description: "as kvm-userdev, polling: the emulator watches its ring for 200 µs before it sleeps, a vCPU waits 100 µs for a reply before it sleeps",
+            description: "as kvm-userdev, with polling limits scaled to this test bed, where a wakeup or an exit costs ten times or more what it costs on hardware: the emulator polls up to 2 ms, a vCPU up to 1 ms",
             device: "edu",
-            how: How::VmmPolling(
-                &[
-                    "--serve",
-                    "user",
-                    "--forward",
-                    SYNC_LOAD_REGISTER,
-                    "--emulator-arg=--poll-us",
-                    "--emulator-arg=200",
-                ],
-                100_000,
-            ),
+            how: How::Vmm(&[
+                "--serve",
+                "user",
+                "--forward",
+                SYNC_LOAD_REGISTER,
+                "--batch",
+                BATCH_REGISTER,
+                "--poll-ns",
+                "1000000",
+                "--emulator-arg=--poll-us",
+                "--emulator-arg=2000",
+            ]),
+        },
+        Variant {
+            name: "kvm-userdev-sleep",
+            description: "as kvm-userdev, polling on neither side: the emulator sleeps after each batch, a vCPU sleeps at once",
+            device: "edu",
+            how: How::Vmm(&[
+                "--serve",
+                "user",
+                "--forward",
+                SYNC_LOAD_REGISTER,
+                "--batch",
+                BATCH_REGISTER,
+                "--poll-ns",
+                "0",
+                "--emulator-arg=--poll-us",
+                "--emulator-arg=0",
+            ]),
+        },
+        Variant {
+            name: "kvm-userdev-handoff",
+            description: "as kvm-userdev-sleep, with handoff: a forwarded load wakes the emulator on the vCPU's CPU, its reply the vCPU on the emulator's",
+            device: "edu",
+            how: How::Vmm(&[
+                "--serve",
+                "user",
+                "--forward",
+                SYNC_LOAD_REGISTER,
+                "--batch",
+                BATCH_REGISTER,
+                "--poll-ns",
+                "0",
+                "--emulator-arg=--poll-us",
+                "--emulator-arg=0",
+                "--handoff",
+            ]),
         },
         Variant {
             name: "kvm-userdev-noshadow",
@@ -98,6 +138,16 @@ pub fn all() -> Vec<Variant> {
     ]
 }
 
+/// The default variant's VMM arguments.
+pub const USER: &[&str] = &[
+    "--serve",
+    "user",
+    "--forward",
+    SYNC_LOAD_REGISTER,
+    "--batch",
+    BATCH_REGISTER,
+];
+
 /// The programs a run needs.
 pub struct Programs<'a> {
     pub vmm: &'a Path,
@@ -120,13 +170,11 @@ impl Variant {
     /// warm-up); the doorbell is added where the variant has one.
     pub fn run(&self, programs: &Programs, cmdline: &str) -> Result<RunOutput> {
         match &self.how {
-            How::Vmm(args) => run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL:#x}")),
-            How::VmmPolling(args, poll_ns) => {
-                set_poll_ns(*poll_ns)?;
-                let out = run_vmm(programs, args, &format!("{cmdline} doorbell={DOORBELL:#x}"));
-                set_poll_ns(0)?;
-                out
-            }
+            How::Vmm(args) => run_vmm(
+                programs,
+                args,
+                &format!("{cmdline} doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"),
+            ),
             How::QemuInProcess(device) => {
                 let cmdline = match device {
                     qemu::Device::PciTestdev => format!("{cmdline} doorbell=testdev"),
@@ -150,12 +198,24 @@ impl Variant {
     }
 }
 
-/// The patched kernel's `kvm.user_dev_poll_ns` (needs root, as in the VM).
-pub const POLL_NS_PARAMETER: &str = "/sys/module/kvm/parameters/user_dev_poll_ns";
-
-fn set_poll_ns(ns: u32) -> Result<()> {
-    std::fs::write(POLL_NS_PARAMETER, ns.to_string())
-        .with_context(|| format!("set {POLL_NS_PARAMETER} to {ns}"))
+impl Variant {
+    /// What an idle guest costs under this variant: the payload makes a
+    /// few accesses of each type, then halts `seconds`. Only for our VMM's
+    /// variants (None for QEMU's).
+    pub fn idle_cost(&self, programs: &Programs, seconds: u32) -> Result<Option<IdleCost>> {
+        let How::Vmm(args) = &self.how else {
+            return Ok(None);
+        };
+        let cmdline = format!(
+            "samples=20 warmup=2 idle={seconds} doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"
+        );
+        let mut command = vmm_command(programs, args, &cmdline);
+        command.args([
+            "--timeout",
+            &(RUN_TIMEOUT.as_secs() + u64::from(seconds)).to_string(),
+        ]);
+        idle::measure(command, RUN_TIMEOUT + Duration::from_secs(seconds.into())).map(Some)
+    }
 }
 
 fn qemu_output(out: qemu::Output) -> Result<RunOutput> {
@@ -173,14 +233,22 @@ fn qemu_output(out: qemu::Output) -> Result<RunOutput> {
     })
 }
 
-fn run_vmm(programs: &Programs, args: &[&str], cmdline: &str) -> Result<RunOutput> {
-    let out = Command::new(programs.vmm)
+/// Our VMM with the payload, both doorbells and `args`; no timeout yet.
+fn vmm_command(programs: &Programs, args: &[&str], cmdline: &str) -> Command {
+    let mut command = Command::new(programs.vmm);
+    command
         .arg("--payload")
         .arg(programs.payload)
         .args(["--cmdline", cmdline])
         .args(["--doorbell", &format!("{DOORBELL:#x}")])
+        .args(["--woken-doorbell", &format!("{WOKEN_DOORBELL:#x}")])
+        .args(args);
+    command
+}
+
+fn run_vmm(programs: &Programs, args: &[&str], cmdline: &str) -> Result<RunOutput> {
+    let out = vmm_command(programs, args, cmdline)
         .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
-        .args(args)
         .output()
         .with_context(|| format!("run {}", programs.vmm.display()))?;
     let guest = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -229,8 +297,9 @@ mod tests {
     }
 
     #[test]
-    fn sync_load_register_is_the_factorial() {
+    fn registers_are_the_guests() {
         assert_eq!(SYNC_LOAD_REGISTER, format!("{:#x}", edu_regs::FACTORIAL));
+        assert_eq!(BATCH_REGISTER, format!("{:#x}", edu_regs::UNUSED));
     }
 
     #[test]

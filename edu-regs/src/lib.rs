@@ -21,6 +21,8 @@ pub const IDENTIFICATION_REG: usize = 0x00;
 pub const LIVENESS: usize = 0x04;
 /// Write n, read n! (32-bit, wrapping) once the status is no longer busy.
 pub const FACTORIAL: usize = 0x08;
+/// Nothing: the device ignores stores here (the benchmark's batched store).
+pub const UNUSED: usize = 0x10;
 pub const STATUS: usize = 0x20;
 pub const IRQ_STATUS: usize = 0x24;
 pub const IRQ_RAISE: usize = 0x60;

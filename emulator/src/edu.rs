@@ -44,14 +44,23 @@ pub const IDENTITY: PciIdentity = PciIdentity {
 };
 
 const fn reg(offset: u64, len: u64, sizes: Sizes) -> ShadowRegister {
-    ShadowRegister { offset, len, sizes }
+    ShadowRegister {
+        offset,
+        len,
+        sizes,
+        passes_stores: false,
+    }
 }
 
 /// The 32-bit registers take 4-byte loads; the DMA registers take 8-byte
 /// loads and 4-byte loads of their low half. Anything else reaches the model
-/// and reads all-ones, as on QEMU's device.
+/// and reads all-ones, as on QEMU's device. The identification register is
+/// a constant: its loads need not wait for pending stores.
 const SHADOWED: &[ShadowRegister] = &[
-    reg(ID, 4, Sizes::B4),
+    ShadowRegister {
+        passes_stores: true,
+        ..reg(ID, 4, Sizes::B4)
+    },
     reg(LIVENESS, 4, Sizes::B4),
     reg(FACTORIAL, 4, Sizes::B4),
     reg(STATUS, 4, Sizes::B4),

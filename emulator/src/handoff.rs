@@ -59,6 +59,9 @@ pub struct Setup {
     /// BAR0 offsets left out of the access map even if the model could
     /// publish them (for measuring forwarded loads).
     pub forward: Vec<u64>,
+    /// BAR0 offsets of 4-byte registers whose stores are batched, besides
+    /// the model's own (for measuring batched stores).
+    pub batch: Vec<u64>,
     /// How guest accesses arrive.
     pub transport: Transport,
     /// Console input (a non-blocking readable fd, a pipe the VMM feeds) and
@@ -146,6 +149,9 @@ impl Setup {
         for f in &self.forward {
             s += &format!("forward {f:#x}\n");
         }
+        for b in &self.batch {
+            s += &format!("batch {b:#x}\n");
+        }
         s += match self.transport {
             Transport::Ring => "transport ring\n",
             Transport::Socket => "transport socket\n",
@@ -168,6 +174,7 @@ impl Setup {
             msi_enabled: false,
             shadow: true,
             forward: Vec::new(),
+            batch: Vec::new(),
             transport: Transport::Ring,
             console: false,
         };
@@ -205,6 +212,7 @@ impl Setup {
                 "msi-enabled" => setup.msi_enabled = one()?,
                 "shadow" => setup.shadow = one()?,
                 "forward" if args.len() == 1 => setup.forward.push(num(0)?),
+                "batch" if args.len() == 1 => setup.batch.push(num(0)?),
                 "transport" => {
                     setup.transport = match args.as_slice() {
                         ["ring"] => Transport::Ring,
@@ -376,6 +384,7 @@ mod tests {
             msi_enabled: false,
             shadow: true,
             forward: vec![0x20],
+            batch: vec![0x10],
             transport: Transport::Ring,
             console: false,
         }

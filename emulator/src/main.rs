@@ -2,9 +2,12 @@
 //! in fresh namespaces with the handoff socket as a descriptor.
 //!
 //! Usage: `kvm-userdev-emulator [--socket-fd N] [--poll-us N]
-//! [--trace-accesses]`: the handoff socket's descriptor (default 3); how
-//! long to keep watching the ring for more accesses before going to sleep
-//! (default 0: sleep at once); log every access that reaches the model on
+//! [--trace-accesses]`: the handoff socket's descriptor (default 3); the
+//! most microseconds to keep watching the ring for more accesses before
+//! going to sleep, a window that adapts to how close together accesses come
+//! (default 200; 0: sleep at once, as it always does on a machine with one
+//! CPU; see `serve::Spin`); log every access
+//! that reaches the model on
 //! stderr (for debugging a guest's use of the device). Built with the
 //! `sandbox-probe` feature also `--probe open|socket|execve`, which tries
 //! that system call once sandboxed (tests check that it is refused).
@@ -18,22 +21,25 @@ use emulator::handoff::{recv_setup, send_ready};
 use emulator::model;
 use emulator::sandbox;
 use emulator::serve::{
-    access_map, map_memory, poll_sources, serve, AccessSource, Console, Intx, IsaIrq, Platform,
-    Served, Spin, SHADOW_SIZE,
+    map_memory, serve, AccessSource, Console, Intx, IsaIrq, MapSpec, Platform, Served, Sources,
+    Spin, SHADOW_SIZE,
 };
-use mio::Poll;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Args {
     socket_fd: RawFd,
+    /// The limit of the adaptive ring polling (0: sleep at once).
     poll_us: u64,
     probe: Option<String>,
 }
 
+/// The ring polling's default limit, as KVM's halt polling's on x86.
+const DEFAULT_POLL_US: u64 = 200;
+
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         socket_fd: 3,
-        poll_us: 0,
+        poll_us: DEFAULT_POLL_US,
         probe: None,
     };
     let mut it = std::env::args().skip(1);
@@ -103,25 +109,34 @@ fn run() -> Result<(), Box<dyn Error>> {
             .transpose()?,
         irq_errors: 0,
         console_errors: 0,
+        map: setup.shadow.then(|| MapSpec {
+            forward: setup.forward.clone(),
+            batch: setup.batch.clone(),
+        }),
+        map_changed: false,
     };
-    let mut poll = poll_sources(source.accesses(), &control, &platform)?;
+    let mut sources = Sources::new(source.accesses(), &control, &platform);
     // Calibrated before the sandbox: the clock may need a system call.
+    // With one CPU to run on, a polling emulator only holds up the vCPU
+    // that would queue its next access, and, runnable instead of asleep, is
+    // not woken for that access either.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spin = match (source.backend(), args.poll_us) {
-        (Some(backend), us) if us > 0 => Some(Spin::calibrate(backend, us)),
+        (Some(_), us) if us > 0 && cpus > 1 => Some(Spin::calibrate(us)),
         _ => None,
     };
-    enter_sandbox(&setup.model, &source, &control, &poll, &platform, &args)?;
+    enter_sandbox(&setup.model, &source, &control, &platform, &args)?;
 
     // Only now is guest-controlled data read: the ring, guest memory.
     let mut served = Served::default();
     let result = (|| -> Result<_, Box<dyn Error>> {
         if let (Some(backend), true) = (source.backend(), setup.shadow) {
             model.publish_all(&mut platform);
-            backend.set_access_map(&access_map(model.as_ref(), &setup.forward))?;
+            platform.set_access_map(backend, model.as_ref())?;
         }
         send_ready(&control)?;
         Ok(serve(
-            &mut poll,
+            &mut sources,
             source.accesses(),
             &control,
             &mut platform,
@@ -152,7 +167,6 @@ fn enter_sandbox(
     model: &str,
     source: &AccessSource,
     control: &UnixDatagram,
-    poll: &Poll,
     platform: &Platform,
     args: &Args,
 ) -> Result<(), Box<dyn Error>> {
@@ -163,7 +177,6 @@ fn enter_sandbox(
     let report = sandbox::enter(&sandbox::Fds {
         accesses: source.accesses().sandboxed(),
         control: control.as_raw_fd(),
-        epoll: poll.as_raw_fd(),
         resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
         irqfds,
         console_in: console.map(|c| c.input.as_raw_fd()),

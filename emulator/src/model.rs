@@ -25,6 +25,9 @@ pub trait Env {
     /// Bytes the device transmits on its console line. May block; the
     /// bytes are not lost to a short write.
     fn console_out(&mut self, bytes: &[u8]);
+    /// What [`DeviceModel::batched_registers`] returns has changed: the
+    /// access map follows before the accesses just handled are answered.
+    fn access_map_changed(&mut self) {}
 }
 
 /// A register KVM may serve from the shadow image: loads of `sizes` bytes
@@ -34,6 +37,18 @@ pub struct ShadowRegister {
     pub offset: u64,
     pub len: u64,
     pub sizes: Sizes,
+    /// No store the guest can make changes what a load here returns (an
+    /// identification register), or not in a way the guest can tell: its
+    /// loads may be served while stores are pending.
+    pub passes_stores: bool,
+}
+
+/// Registers whose stores need no prompt service (a transmit or log
+/// register): `offset..offset + len` of range 0.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchedRegister {
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// What the VMM needs to present the device on PCI.
@@ -87,8 +102,16 @@ pub trait DeviceModel: Send {
     /// little-endian).
     fn store(&mut self, env: &mut dyn Env, offset: u64, len: u8, data: u64);
     /// The registers without load side effects, which the model keeps
-    /// current in the shadow image through [`Env::publish`].
+    /// current in the shadow image through [`Env::publish`], as the
+    /// device's mode has them now; a model whose answer changes says so with
+    /// [`Env::access_map_changed`].
     fn shadow_registers(&self) -> &'static [ShadowRegister];
+    /// The registers whose stores may be batched now: the emulator is
+    /// woken for them within the device's batch delay instead of at once.
+    /// A model whose answer changes says so with [`Env::access_map_changed`].
+    fn batched_registers(&self) -> &'static [BatchedRegister] {
+        &[]
+    }
     /// Publishes every shadowed register (on start, into a fresh image).
     fn publish_all(&self, env: &mut dyn Env);
     /// How many received bytes the model can take now (free space in its

@@ -1,14 +1,12 @@
 //! The emulator's event loop: guest accesses from the backend's ring,
 //! control messages from the VMM, INTx resampling and console input, on
-//! one mio poll.
+//! one poll(2).
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,10 +22,14 @@ pub const BAR0_RANGE: u16 = 0;
 /// The shadow image mirrors range 0's first page at the same offsets.
 pub const SHADOW_SIZE: usize = 4096;
 
-const ACCESSES: Token = Token(0);
-const CONTROL: Token = Token(1);
-const RESAMPLE: Token = Token(2);
-const CONSOLE: Token = Token(3);
+/// What the loop waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Accesses,
+    Control,
+    Resample,
+    Console,
+}
 
 /// Log every access that reaches the model (`--trace-accesses`).
 pub static TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -100,12 +102,39 @@ pub struct Platform {
     /// Console reads and writes that failed; a failed write loses the rest
     /// of its bytes.
     pub console_errors: u64,
+    /// How the access map is made, if the emulator keeps one.
+    pub map: Option<MapSpec>,
+    /// The model asked for a new access map.
+    pub map_changed: bool,
+}
+
+/// What goes into the access map besides the model's own registers.
+#[derive(Clone, Debug, Default)]
+pub struct MapSpec {
+    /// BAR0 offsets left out.
+    pub forward: Vec<u64>,
+    /// BAR0 offsets of 4-byte registers whose stores are batched.
+    pub batch: Vec<u64>,
 }
 
 impl Platform {
     fn trigger(fd: &EventFd, errors: &mut u64) {
         if fd.write(1).is_err() {
             *errors += 1;
+        }
+    }
+
+    /// Sets the access map that `model` asks for now, if the emulator keeps
+    /// one.
+    pub fn set_access_map(
+        &mut self,
+        backend: &Backend,
+        model: &dyn DeviceModel,
+    ) -> userdev::Result<()> {
+        self.map_changed = false;
+        match &self.map {
+            Some(spec) => backend.set_access_map(&access_map(model, &spec.forward, &spec.batch)),
+            None => Ok(()),
         }
     }
 
@@ -191,11 +220,16 @@ impl Env for Platform {
             }
         }
     }
+
+    fn access_map_changed(&mut self) {
+        self.map_changed = true;
+    }
 }
 
 /// Console bytes read from the VMM that the model had no room for yet.
-/// mio reports readiness on edges, so `readable` stays set until a read
-/// finds the pipe empty, also when the loop stops reading for lack of room.
+/// `readable` stays set until a read finds the pipe empty, also when the
+/// loop stops reading for lack of room; the loop waits for the pipe only
+/// while it is clear.
 struct ConsoleInput {
     buf: [u8; 256],
     start: usize,
@@ -220,6 +254,11 @@ impl Default for ConsoleInput {
 }
 
 impl ConsoleInput {
+    /// Whether the loop should wait for the pipe: it found it empty.
+    fn waits(&self) -> bool {
+        !self.readable && !self.closed
+    }
+
     /// Gives the model as many bytes as it has room for, reading the
     /// console when the buffer runs dry.
     fn feed(&mut self, platform: &mut Platform, model: &mut dyn DeviceModel) {
@@ -267,21 +306,26 @@ impl ConsoleInput {
 }
 
 /// The access map for `model`'s shadowed registers inside the image,
-/// leaving out the offsets in `forward`.
-pub fn access_map(model: &dyn DeviceModel, forward: &[u64]) -> Vec<MapEntry> {
-    model
+/// leaving out the offsets in `forward`, and for its batched registers and
+/// the 4-byte registers at the offsets in `batch`.
+pub fn access_map(model: &dyn DeviceModel, forward: &[u64], batch: &[u64]) -> Vec<MapEntry> {
+    let shadowed = model
         .shadow_registers()
         .iter()
         .filter(|r| r.offset + r.len <= SHADOW_SIZE as u64)
         .filter(|r| !forward.contains(&r.offset))
         .map(|r| MapEntry {
-            range: BAR0_RANGE,
-            offset: r.offset,
-            len: r.len,
-            shadow_offset: r.offset,
-            sizes: r.sizes,
-        })
-        .collect()
+            pass_stores: r.passes_stores,
+            ..MapEntry::shadowed(BAR0_RANGE, r.offset, r.len, r.sizes)
+        });
+    let batched = model
+        .batched_registers()
+        .iter()
+        .map(|r| (r.offset, r.len))
+        .chain(batch.iter().map(|&offset| (offset, 4)))
+        .filter(|&(offset, len)| offset + len <= SHADOW_SIZE as u64)
+        .map(|(offset, len)| MapEntry::batched(BAR0_RANGE, offset, len));
+    shadowed.chain(batched).collect()
 }
 
 /// What the loop has seen, for the emulator's last log line.
@@ -388,114 +432,220 @@ impl AsRawFd for Accesses<'_> {
     }
 }
 
-/// The poll instance with every source registered, made before the
-/// sandbox (whose filter pins epoll_wait to it) goes up.
-pub fn poll_sources(
-    accesses: Accesses,
-    control: &UnixDatagram,
-    platform: &Platform,
-) -> io::Result<Poll> {
-    let poll = Poll::new()?;
-    let reg = poll.registry();
-    reg.register(
-        &mut SourceFd(&accesses.as_raw_fd()),
-        ACCESSES,
-        Interest::READABLE,
-    )?;
-    reg.register(
-        &mut SourceFd(&control.as_raw_fd()),
-        CONTROL,
-        Interest::READABLE,
-    )?;
-    if let Some(intx) = &platform.intx {
-        reg.register(
-            &mut SourceFd(&intx.resample.as_raw_fd()),
-            RESAMPLE,
-            Interest::READABLE,
-        )?;
-    }
-    if let Some(console) = &platform.console {
-        reg.register(
-            &mut SourceFd(&console.input.as_raw_fd()),
-            CONSOLE,
-            Interest::READABLE,
-        )?;
-    }
-    Ok(poll)
+/// The descriptors the loop waits on, with poll(2). epoll would do as
+/// well for four descriptors, but a task that sleeps in epoll_wait() is
+/// woken by epoll's own wakeup, which drops the user device's handoff: a
+/// forwarded load wakes this emulator on the waiting vCPU's CPU only if it
+/// sleeps in poll(2) on the backend fd itself (user.rst, *Handoff and
+/// polling*).
+pub struct Sources {
+    fds: Vec<libc::pollfd>,
+    sources: Vec<(Source, RawFd)>,
 }
 
-/// Busy-polling of the ring before sleeping: how many looks at the ring
-/// head fit in the polling time. While the emulator polls, a vCPU's store
-/// finds no sleeper to wake, and a forwarded load is seen at once; the
-/// price is a CPU kept busy that long after each batch.
+impl Sources {
+    pub fn new(accesses: Accesses, control: &UnixDatagram, platform: &Platform) -> Self {
+        let mut sources = Sources {
+            fds: Vec::with_capacity(4),
+            sources: Vec::with_capacity(4),
+        };
+        sources.add(Source::Accesses, accesses.as_raw_fd());
+        sources.add(Source::Control, control.as_raw_fd());
+        if let Some(intx) = &platform.intx {
+            sources.add(Source::Resample, intx.resample.as_raw_fd());
+        }
+        if let Some(console) = &platform.console {
+            sources.add(Source::Console, console.input.as_raw_fd());
+        }
+        sources
+    }
+
+    fn add(&mut self, source: Source, fd: RawFd) {
+        self.fds.push(libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        self.sources.push((source, fd));
+    }
+
+    /// Waits until a source is ready or `timeout` passes (`None`: no
+    /// limit). The console is waited for only when `console` is set.
+    fn wait(&mut self, timeout: Option<Duration>, console: bool) -> io::Result<()> {
+        for (pfd, &(source, fd)) in self.fds.iter_mut().zip(&self.sources) {
+            pfd.revents = 0;
+            // poll(2) skips a negative descriptor.
+            pfd.fd = if source == Source::Console && !console {
+                -1
+            } else {
+                fd
+            };
+        }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `fds` is a live array of `fds.len()` pollfds, which poll
+        // writes only the revents of.
+        let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The sources that were ready, and whether each one's peer hung up.
+    fn ready(&self) -> impl Iterator<Item = (Source, bool)> + '_ {
+        self.fds
+            .iter()
+            .zip(&self.sources)
+            .filter(|(pfd, _)| pfd.fd >= 0 && pfd.revents != 0)
+            .map(|(pfd, &(source, _))| (source, pfd.revents & libc::POLLHUP != 0))
+    }
+}
+
+/// Adaptive polling of the ring before sleeping, as KVM's halt polling
+/// does for a halted vCPU: after a batch the emulator watches the ring for
+/// up to a window before it sleeps. While it watches, a vCPU's store finds
+/// no sleeper to wake and a forwarded load is seen at once. The window
+/// starts at zero; when the next access comes after a watch that ended
+/// empty, the window grows (10 µs, then doubling, up to the limit) if that
+/// access came within the limit, and halves (below 10 µs: zero) if it came
+/// later. So a device in use keeps the emulator awake between accesses
+/// that come close together, and an idle guest costs no CPU.
+///
+/// Between two looks at the ring the emulator yields its CPU. A yield that
+/// takes long means another task (a vCPU) wanted this CPU: then polling
+/// only delays the emulator, which, runnable rather than asleep, is not
+/// woken (and so not run at once) when that vCPU queues a record. It stops
+/// polling for a second, and sleeps.
+///
+/// Time is read from the TSC: no system call, nothing the sandbox must
+/// allow, and the TSC rate is measured before the sandbox goes up.
 #[derive(Clone, Copy, Debug)]
 pub struct Spin {
-    looks: u64,
+    ticks_per_us: u64,
+    limit: u64,
+    window: u64,
+    /// When the last watch began, if it ended empty.
+    watched_since: Option<u64>,
+    /// No polling before this TSC value: the CPU was shared.
+    shared_until: u64,
 }
 
+/// A yield longer than this ran another task.
+const YIELD_SHARED_US: u64 = 50;
+/// How long the emulator stops polling once it found its CPU shared.
+const SHARED_BACKOFF_US: u64 = 1_000_000;
+
 impl Spin {
-    /// Measures how fast this CPU looks at `backend`'s ring head and sizes
-    /// the spin to last about `us` microseconds.
-    pub fn calibrate(backend: &Backend, us: u64) -> Spin {
-        const TRIAL: u64 = 100_000;
-        let start = Instant::now();
-        for _ in 0..TRIAL {
-            std::hint::black_box(backend.pending());
-            std::hint::spin_loop();
-        }
-        let ns = (start.elapsed().as_nanos() as u64).max(1);
+    /// Measures the TSC against the monotonic clock; a window of at most
+    /// `limit_us`.
+    pub fn calibrate(limit_us: u64) -> Spin {
+        let (t0, c0) = (Instant::now(), tsc());
+        std::thread::sleep(Duration::from_millis(10));
+        let (us, ticks) = (t0.elapsed().as_micros() as u64, tsc().wrapping_sub(c0));
+        let ticks_per_us = (ticks / us.max(1)).max(1);
         Spin {
-            looks: (TRIAL * us * 1000 / ns).max(1),
+            ticks_per_us,
+            limit: limit_us * ticks_per_us,
+            window: 0,
+            watched_since: None,
+            shared_until: 0,
         }
     }
 
-    /// Watches the ring for up to the polling time; true if it holds work.
-    fn wait(self, backend: &Backend) -> bool {
-        for _ in 0..self.looks {
+    /// The current window, in µs.
+    pub fn window_us(&self) -> u64 {
+        self.window / self.ticks_per_us
+    }
+
+    /// Watches the ring for up to the window; true if it holds work.
+    fn wait(&mut self, backend: &Backend) -> bool {
+        let start = tsc();
+        if start < self.shared_until {
+            return backend.pending() > 0;
+        }
+        loop {
             if backend.pending() > 0 {
+                self.watched_since = None;
                 return true;
             }
-            std::hint::spin_loop();
+            let before = tsc();
+            if before.wrapping_sub(start) >= self.window {
+                self.watched_since = Some(start);
+                return false;
+            }
+            // SAFETY: sched_yield has no arguments and cannot fail here.
+            unsafe { libc::sched_yield() };
+            let now = tsc();
+            if now.wrapping_sub(before) > YIELD_SHARED_US * self.ticks_per_us {
+                self.window = 0;
+                self.watched_since = None;
+                self.shared_until = now + SHARED_BACKOFF_US * self.ticks_per_us;
+                return backend.pending() > 0;
+            }
         }
-        false
     }
+
+    /// Work came after a sleep: adapt the window to how long after the
+    /// last watch began it came.
+    fn woke(&mut self) {
+        let Some(since) = self.watched_since.take() else {
+            return;
+        };
+        let start = 10 * self.ticks_per_us;
+        self.window = if tsc().wrapping_sub(since) <= self.limit {
+            (self.window * 2).max(start).min(self.limit)
+        } else if self.window / 2 < start {
+            0
+        } else {
+            self.window / 2
+        };
+    }
+}
+
+fn tsc() -> u64 {
+    // SAFETY: rdtsc reads a counter; x86-64 always has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// Serves the device until the VM or the VMM goes away. With `spin`, the
-/// ring is watched for a while before each sleep. `served` counts what
+/// ring is watched for an adaptive while before each sleep. `served` counts what
 /// came in, also when this returns an error.
 pub fn serve(
-    poll: &mut Poll,
+    sources: &mut Sources,
     accesses: Accesses,
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
-    spin: Option<Spin>,
+    mut spin: Option<Spin>,
     served: &mut Served,
 ) -> Result<Exit, ServeError> {
-    let mut events = Events::with_capacity(8);
     let mut replies = Vec::with_capacity(64);
     let mut input = ConsoleInput::default();
     loop {
         // Work found while spinning: still collect other events, without
         // sleeping, so that a busy ring does not starve resampling.
-        let busy = match (accesses, spin) {
+        let busy = match (accesses, spin.as_mut()) {
             (Accesses::Ring(backend), Some(spin)) => spin.wait(backend),
             _ => false,
         };
         let timeout = busy.then_some(Duration::ZERO);
-        match poll.poll(&mut events, timeout) {
+        match sources.wait(timeout, input.waits()) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
+        if let (Accesses::Ring(backend), Some(spin)) = (accesses, spin.as_mut()) {
+            if !busy && backend.pending() > 0 {
+                spin.woke();
+            }
+        }
         let mut resampled = false;
-        for event in events.iter() {
-            match event.token() {
-                CONTROL if !drain_control(control, platform) => return Ok(Exit::VmmGone),
-                RESAMPLE => resampled = true,
-                CONSOLE => input.readable = true,
-                ACCESSES if event.is_read_closed() => return Ok(Exit::DeviceGone),
+        for (source, hung_up) in sources.ready() {
+            match source {
+                Source::Control if !drain_control(control, platform) => return Ok(Exit::VmmGone),
+                Source::Resample => resampled = true,
+                Source::Console => input.readable = true,
+                Source::Accesses if hung_up => return Ok(Exit::DeviceGone),
                 _ => {}
             }
         }
@@ -562,6 +712,12 @@ fn serve_ring(
         backend.consume_max(pending, |a: &Access| {
             handle(a, platform, model, replies, served)
         })?;
+        // Before the replies: a guest that waits for one of them (a load
+        // behind the store that changed the map) then stores under the
+        // new map.
+        if platform.map_changed {
+            platform.set_access_map(backend, model)?;
+        }
         if !replies.is_empty() {
             backend.reply(replies)?;
         }
@@ -708,6 +864,8 @@ mod tests {
             console: Some(Console::new(input.into(), output.into()).unwrap()),
             irq_errors: 0,
             console_errors: 0,
+            map: None,
+            map_changed: false,
         };
         (platform, feed, output_reader)
     }

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 
-use crate::model::{DeviceModel, Env, Placement, ShadowRegister};
+use crate::model::{BatchedRegister, DeviceModel, Env, Placement, ShadowRegister};
 use userdev::Sizes;
 
 /// COM1.
@@ -83,37 +83,60 @@ pub const FIFO_SIZE: usize = 16;
 /// FCR bits 7:6 select the receive trigger level.
 const TRIGGER_LEVELS: [usize; 4] = [1, 4, 8, 14];
 
+const fn byte_register(offset: u64, passes_stores: bool) -> ShadowRegister {
+    ShadowRegister {
+        offset,
+        len: 1,
+        sizes: Sizes::B1,
+        passes_stores,
+    }
+}
+
 /// Loads without side effects, 1-byte loads only (a wider load is a
 /// sequence of byte cycles on ISA, some with side effects): IER/DLM, LCR,
 /// MCR, LSR, SCR. RBR (pops a byte), IIR (acknowledges THRE) and MSR
 /// (clears its change bits) go to the model.
+///
+/// Outside loopback, LSR's loads may pass pending stores: THRE and TEMT
+/// are always set here (a byte written to THR is on the line at once, so a
+/// byte still in the ring cannot be told from one already sent), and DR
+/// changes with input, which the guest does not order against its stores.
+/// One store still changes DR outside loopback: an FCR write that clears
+/// the receive FIFO; an LSR load that passes it may read DR set, and the
+/// RBR load that follows, forwarded behind the FCR write, finds the FIFO
+/// empty, as if the load had come just before the FCR write. A driver only
+/// clears the FIFOs when it expects no data (Linux's 8250 driver: at
+/// startup and on a termios change).
 const SHADOWED: &[ShadowRegister] = &[
-    ShadowRegister {
-        offset: IER_DLM,
-        len: 1,
-        sizes: Sizes::B1,
-    },
-    ShadowRegister {
-        offset: LCR,
-        len: 1,
-        sizes: Sizes::B1,
-    },
-    ShadowRegister {
-        offset: MCR,
-        len: 1,
-        sizes: Sizes::B1,
-    },
-    ShadowRegister {
-        offset: LSR,
-        len: 1,
-        sizes: Sizes::B1,
-    },
-    ShadowRegister {
-        offset: SCR,
-        len: 1,
-        sizes: Sizes::B1,
-    },
+    byte_register(IER_DLM, false),
+    byte_register(LCR, false),
+    byte_register(MCR, false),
+    byte_register(LSR, true),
+    byte_register(SCR, false),
 ];
+
+/// In loopback THR writes reach the receiver, and LSR's DR depends on
+/// them (Linux's size_fifo() counts DR after 256 of them): LSR waits for
+/// pending stores like the other registers. The map changes when the
+/// emulator applies the MCR write; an LSR load that passes that write
+/// itself sees the UART as it was before loopback.
+const SHADOWED_IN_LOOPBACK: &[ShadowRegister] = &[
+    byte_register(IER_DLM, false),
+    byte_register(LCR, false),
+    byte_register(MCR, false),
+    byte_register(LSR, false),
+    byte_register(SCR, false),
+];
+
+/// THR (and DLL, at the same port) while the THRE interrupt is off: the
+/// bytes of a polled console (Linux's printk writes them with IER clear),
+/// which need no prompt service. While the interrupt is on, a driver
+/// waits for it after its THR writes (the 8250 driver's IRQ probe allows
+/// 20 µs, a chip at 115200 baud takes 9), so THR is not batched then.
+const BATCHED: &[BatchedRegister] = &[BatchedRegister {
+    offset: RBR_THR_DLL,
+    len: 1,
+}];
 
 #[derive(Debug)]
 pub struct Uart {
@@ -278,9 +301,13 @@ impl Uart {
         }
     }
 
-    fn set_modem_control(&mut self, value: u8) {
+    fn set_modem_control(&mut self, env: &mut dyn Env, value: u8) {
         let before = self.modem_inputs();
+        let loopback = self.loopback();
         self.mcr = value & MCR_MASK;
+        if self.loopback() != loopback {
+            env.access_map_changed();
+        }
         let after = self.modem_inputs();
         let changed = (before ^ after) & (MSR_CTS | MSR_DSR | MSR_DCD);
         // RI reports only its trailing edge (TERI).
@@ -350,7 +377,11 @@ impl Uart {
             RBR_THR_DLL => self.transmit(env, value),
             IER_DLM if self.dlab() => self.dlm = value,
             IER_DLM => {
+                let thri = self.ier & IER_THRI;
                 self.ier = value & IER_MASK;
+                if self.ier & IER_THRI != thri {
+                    env.access_map_changed();
+                }
                 // Enabling the THRE interrupt while THR is empty (always,
                 // here) makes it pending, also when it was enabled already:
                 // drivers rely on a 16550A reasserting it.
@@ -360,7 +391,7 @@ impl Uart {
             }
             IIR_FCR => self.write_fifo_control(value),
             LCR => self.lcr = value,
-            MCR => self.set_modem_control(value),
+            MCR => self.set_modem_control(env, value),
             SCR => self.scr = value,
             // LSR and MSR are read-only here (writing them is a factory
             // test on the chip).
@@ -401,7 +432,19 @@ impl DeviceModel for Uart {
     }
 
     fn shadow_registers(&self) -> &'static [ShadowRegister] {
-        SHADOWED
+        if self.loopback() {
+            SHADOWED_IN_LOOPBACK
+        } else {
+            SHADOWED
+        }
+    }
+
+    fn batched_registers(&self) -> &'static [BatchedRegister] {
+        if self.ier & IER_THRI == 0 {
+            BATCHED
+        } else {
+            &[]
+        }
     }
 
     fn publish_all(&self, env: &mut dyn Env) {
@@ -451,6 +494,7 @@ mod tests {
         level: bool,
         raised: u32,
         lowered: u32,
+        map_changes: u32,
     }
 
     impl Env for FakeEnv {
@@ -476,6 +520,9 @@ mod tests {
         }
         fn console_out(&mut self, bytes: &[u8]) {
             self.out.extend_from_slice(bytes);
+        }
+        fn access_map_changed(&mut self) {
+            self.map_changes += 1;
         }
     }
 
@@ -733,6 +780,37 @@ mod tests {
         assert_eq!(b.inb(MCR), MCR_OUT2 | MCR_DTR | MCR_RTS);
         assert_eq!(b.uart.trigger, 8);
         assert!(b.env.out.is_empty());
+    }
+
+    /// THR is batched only while the THRE interrupt is off, and LSR passes
+    /// pending stores only outside loopback; each change asks for a new map.
+    #[test]
+    fn access_map_follows_the_mode() {
+        let mut b = Bus::new();
+        let lsr_passes = |u: &Uart| {
+            u.shadow_registers()
+                .iter()
+                .find(|r| r.offset == LSR)
+                .is_some_and(|r| r.passes_stores)
+        };
+        assert_eq!(b.uart.batched_registers().len(), 1);
+        assert!(lsr_passes(&b.uart));
+        b.outb(IER_DLM, IER_THRI);
+        assert_eq!(b.env.map_changes, 1);
+        assert!(b.uart.batched_registers().is_empty());
+        b.outb(IER_DLM, IER_THRI | IER_RDI);
+        assert_eq!(b.env.map_changes, 1, "THRI unchanged");
+        b.outb(IER_DLM, 0);
+        assert_eq!(b.env.map_changes, 2);
+        assert_eq!(b.uart.batched_registers().len(), 1);
+        b.outb(MCR, MCR_LOOP);
+        assert_eq!(b.env.map_changes, 3);
+        assert!(!lsr_passes(&b.uart));
+        b.outb(MCR, MCR_LOOP | MCR_DTR);
+        assert_eq!(b.env.map_changes, 3, "still in loopback");
+        b.outb(MCR, MCR_OUT2);
+        assert_eq!(b.env.map_changes, 4);
+        assert!(lsr_passes(&b.uart));
     }
 
     #[test]

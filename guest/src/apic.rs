@@ -14,6 +14,13 @@ const LAPIC_TPR: usize = 0x80;
 const LAPIC_EOI: usize = 0xb0;
 const LAPIC_SVR: usize = 0xf0;
 const SVR_APIC_ENABLE: u32 = 1 << 8;
+const LAPIC_LVT_TIMER: usize = 0x320;
+const LAPIC_TIMER_INITIAL: usize = 0x380;
+const LAPIC_TIMER_DIVIDE: usize = 0x3e0;
+const TIMER_DIVIDE_BY_1: u32 = 0xb;
+
+/// The vector of the local APIC timer, which only wakes a halted CPU.
+pub const TIMER_VECTOR: u8 = 0xfe;
 
 /// The local APIC's spurious interrupt vector; it needs no EOI.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
@@ -55,6 +62,28 @@ pub(crate) fn init() {
     }
     local_apic().write32(LAPIC_TPR, 0);
     local_apic().write32(LAPIC_SVR, SVR_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
+}
+
+/// Halts this CPU for `ms` milliseconds (by the TSC), woken by one-shot
+/// local APIC timer interrupts: an idle guest. The timer's rate is taken
+/// to be KVM's (1 GHz); a wrong guess only changes how often it wakes.
+pub fn halt_ms(ms: u64) {
+    fn wake(_: u8) {}
+    crate::interrupts::set_handler(TIMER_VECTOR, wake);
+    let deadline = crate::cpu::Deadline::after_ms(ms);
+    let lapic = local_apic();
+    lapic.write32(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+    lapic.write32(LAPIC_LVT_TIMER, u32::from(TIMER_VECTOR));
+    while !deadline.passed() {
+        // One second at most: the initial count is 32 bits of ns.
+        lapic.write32(LAPIC_TIMER_INITIAL, 1_000_000_000);
+        // SAFETY: `sti; hlt` waits for the next interrupt (the window
+        // between the two instructions is interrupt-shadowed, so the timer
+        // cannot fire before the halt); handlers are set up.
+        unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
+    }
+    lapic.write32(LAPIC_TIMER_INITIAL, 0);
+    crate::interrupts::clear_handler(TIMER_VECTOR);
 }
 
 /// This CPU's local APIC ID.

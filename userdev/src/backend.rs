@@ -464,7 +464,7 @@ impl Backend {
             *raw = sys::kvm_user_map_entry {
                 range: e.range,
                 sizes: e.sizes.0,
-                flags: 0,
+                flags: e.flags(),
                 offset: e.offset,
                 len: e.len,
                 shadow_offset: e.shadow_offset,
@@ -518,6 +518,8 @@ impl Sizes {
     pub const B4: Sizes = Sizes(4);
     pub const B8: Sizes = Sizes(8);
     pub const ALL: Sizes = Sizes(15);
+    /// No load: an entry that only batches stores.
+    pub const NONE: Sizes = Sizes(0);
 
     pub fn allows(self, len: u8) -> bool {
         len.is_power_of_two() && len <= 8 && self.0 & u16::from(len) != 0
@@ -541,6 +543,49 @@ pub struct MapEntry {
     pub len: u64,
     pub shadow_offset: u64,
     pub sizes: Sizes,
+    /// The loads may pass pending stores: their value does not depend on
+    /// any store the guest can have pending (`KVM_USER_MAP_PASS_STORES`;
+    /// user.rst says when that is safe).
+    pub pass_stores: bool,
+    /// Stores here need no prompt service: KVM may wake the emulator for
+    /// them a little later (`KVM_USER_MAP_BATCH_STORES`).
+    pub batch_stores: bool,
+}
+
+impl MapEntry {
+    /// Loads of `sizes` bytes in `offset..offset + len` of `range`, served
+    /// from the same offsets of the shadow image; no flags.
+    pub fn shadowed(range: u16, offset: u64, len: u64, sizes: Sizes) -> Self {
+        MapEntry {
+            range,
+            offset,
+            len,
+            shadow_offset: offset,
+            sizes,
+            pass_stores: false,
+            batch_stores: false,
+        }
+    }
+
+    /// Stores to `offset..offset + len` of `range` are batched; no load is
+    /// served.
+    pub fn batched(range: u16, offset: u64, len: u64) -> Self {
+        MapEntry {
+            batch_stores: true,
+            ..MapEntry::shadowed(range, offset, len, Sizes::NONE)
+        }
+    }
+
+    fn flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.pass_stores {
+            flags |= sys::KVM_USER_MAP_PASS_STORES;
+        }
+        if self.batch_stores {
+            flags |= sys::KVM_USER_MAP_BATCH_STORES;
+        }
+        flags
+    }
 }
 
 /// The shadow image, shared with KVM. Write a register's value here (with

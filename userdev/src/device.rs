@@ -68,6 +68,10 @@ pub struct Features(u64);
 impl Features {
     /// Ranges may be non-posted ([`Range::nonposted`]).
     pub const NONPOSTED: Features = Features(sys::KVM_USER_F_NONPOSTED);
+    /// Access map entries may let loads pass pending stores.
+    pub const PASS_STORES: Features = Features(sys::KVM_USER_F_PASS_STORES);
+    /// Access map entries may batch stores.
+    pub const BATCH_STORES: Features = Features(sys::KVM_USER_F_BATCH_STORES);
 
     pub fn from_bits(bits: u64) -> Self {
         Features(bits)
@@ -91,6 +95,7 @@ pub struct UserDevice {
 }
 
 const TIMEOUT_MAX: Duration = Duration::from_secs(1);
+const POLL_MAX: Duration = Duration::from_millis(1);
 
 impl UserDevice {
     /// Whether `vm`'s kernel has the device type (`KVM_CREATE_DEVICE_TEST`).
@@ -207,15 +212,60 @@ impl UserDevice {
         if us == 0 || timeout > TIMEOUT_MAX {
             return Err(Error::Timeout(timeout));
         }
-        let us = us as u64;
+        self.set_config(
+            sys::KVM_DEV_USER_CONFIG_TIMEOUT_US,
+            us as u64,
+            "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_TIMEOUT_US)",
+        )
+    }
+
+    /// The longest a vCPU polls for a forwarded load's reply before it
+    /// sleeps, when the backend runs on another CPU (0 to 1 ms, nanosecond
+    /// granularity; the kernel's default is 50 µs; zero never polls).
+    pub fn set_poll(&self, poll: Duration) -> Result<()> {
+        if poll > POLL_MAX {
+            return Err(Error::Config("polling window", poll));
+        }
+        self.set_config(
+            sys::KVM_DEV_USER_CONFIG_POLL_NS,
+            poll.as_nanos() as u64,
+            "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_POLL_NS)",
+        )
+    }
+
+    /// Whether a forwarded load and its reply wake the other side on the
+    /// waker's CPU (the kernel's default: on).
+    pub fn set_handoff(&self, on: bool) -> Result<()> {
+        self.set_config(
+            sys::KVM_DEV_USER_CONFIG_HANDOFF,
+            on as u64,
+            "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_HANDOFF)",
+        )
+    }
+
+    /// The longest a batched store waits before a sleeping backend is
+    /// woken (1 µs to 1 s; the kernel's default is 100 µs).
+    pub fn set_batch_delay(&self, delay: Duration) -> Result<()> {
+        let us = delay.as_micros();
+        if us == 0 || delay > TIMEOUT_MAX {
+            return Err(Error::Config("batch delay", delay));
+        }
+        self.set_config(
+            sys::KVM_DEV_USER_CONFIG_BATCH_US,
+            us as u64,
+            "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_BATCH_US)",
+        )
+    }
+
+    fn set_config(&self, attr: u64, value: u64, op: &'static str) -> Result<()> {
         let attr = kvm_device_attr {
             flags: 0,
             group: sys::KVM_DEV_USER_GRP_CONFIG,
-            attr: sys::KVM_DEV_USER_CONFIG_TIMEOUT_US,
-            addr: &us as *const u64 as u64,
+            attr,
+            addr: &value as *const u64 as u64,
         };
         self.fd.set_device_attr(&attr).map_err(|e| Error::Os {
-            op: "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_TIMEOUT_US)",
+            op,
             source: e.into(),
         })
     }

@@ -27,6 +27,8 @@ pub enum Error {
     },
     #[error("timeout {0:?} is out of range (1 µs to 1 s)")]
     Timeout(Duration),
+    #[error("{0} {1:?} is out of range (polling window: 0 to 1 ms; batch delay: 1 µs to 1 s)")]
+    Config(&'static str, Duration),
     #[error("KVM_USER_CREATE_BACKEND: the device has a backend already; a new one can be created once it is released")]
     BackendAttached,
     #[error(

@@ -29,7 +29,7 @@
 //! let backend = Backend::new(fd)?;
 //! let shadow = backend.create_shadow(4096)?;
 //! shadow.write(0, 0x010000edu32)?;
-//! backend.set_access_map(&[MapEntry { range: 0, offset: 0, len: 4, shadow_offset: 0, sizes: Sizes::B4 }])?;
+//! backend.set_access_map(&[MapEntry::shadowed(0, 0, 4, Sizes::B4)])?;
 //! let mut replies = Vec::new();
 //! backend.consume(|a: &Access| {
 //!     if a.op == Op::Load {

@@ -20,11 +20,13 @@ pub struct Stats {
     /// Accesses failed at once because an earlier wait on this backend
     /// timed out and the backend has shown no progress since.
     pub stalled_accesses: u64,
+    /// Posted stores queued without waking the backend (batched).
+    pub batched_stores: u64,
 }
 
 /// Every counter's name and its attribute in `KVM_DEV_USER_GRP_STATS`, in
 /// the uAPI's order, which is also the order of [`Stats::fields_mut`].
-pub(crate) const COUNTERS: [(&str, u64); 8] = [
+pub(crate) const COUNTERS: [(&str, u64); 9] = [
     ("posted_stores", sys::KVM_DEV_USER_STAT_POSTED_STORES),
     ("shadow_loads", sys::KVM_DEV_USER_STAT_SHADOW_LOADS),
     ("forwarded_loads", sys::KVM_DEV_USER_STAT_FORWARDED_LOADS),
@@ -33,11 +35,12 @@ pub(crate) const COUNTERS: [(&str, u64); 8] = [
     ("queue_full_waits", sys::KVM_DEV_USER_STAT_QUEUE_FULL_WAITS),
     ("detached_loads", sys::KVM_DEV_USER_STAT_DETACHED_LOADS),
     ("stalled_accesses", sys::KVM_DEV_USER_STAT_STALLED_ACCESSES),
+    ("batched_stores", sys::KVM_DEV_USER_STAT_BATCHED_STORES),
 ];
 
 impl Stats {
     /// The counters, in the order of [`COUNTERS`].
-    pub(crate) fn fields_mut(&mut self) -> [&mut u64; 8] {
+    pub(crate) fn fields_mut(&mut self) -> [&mut u64; 9] {
         [
             &mut self.posted_stores,
             &mut self.shadow_loads,
@@ -47,11 +50,12 @@ impl Stats {
             &mut self.queue_full_waits,
             &mut self.detached_loads,
             &mut self.stalled_accesses,
+            &mut self.batched_stores,
         ]
     }
 
     /// Every counter by name, in the uAPI's order.
-    pub fn counters(&self) -> [(&'static str, u64); 8] {
+    pub fn counters(&self) -> [(&'static str, u64); 9] {
         let mut values = *self;
         let values = values.fields_mut().map(|v| *v);
         std::array::from_fn(|i| (COUNTERS[i].0, values[i]))

@@ -15,6 +15,9 @@ pub const KVM_DEV_TYPE_USER: u32 = 12;
 pub const KVM_DEV_USER_GRP_RANGE: u32 = 1;
 pub const KVM_DEV_USER_GRP_CONFIG: u32 = 2;
 pub const KVM_DEV_USER_CONFIG_TIMEOUT_US: u64 = 0;
+pub const KVM_DEV_USER_CONFIG_POLL_NS: u64 = 1;
+pub const KVM_DEV_USER_CONFIG_HANDOFF: u64 = 2;
+pub const KVM_DEV_USER_CONFIG_BATCH_US: u64 = 3;
 pub const KVM_DEV_USER_GRP_STATS: u32 = 3;
 pub const KVM_DEV_USER_STAT_POSTED_STORES: u64 = 0;
 pub const KVM_DEV_USER_STAT_SHADOW_LOADS: u64 = 1;
@@ -24,6 +27,7 @@ pub const KVM_DEV_USER_STAT_DROPPED_STORES: u64 = 4;
 pub const KVM_DEV_USER_STAT_QUEUE_FULL_WAITS: u64 = 5;
 pub const KVM_DEV_USER_STAT_DETACHED_LOADS: u64 = 6;
 pub const KVM_DEV_USER_STAT_STALLED_ACCESSES: u64 = 7;
+pub const KVM_DEV_USER_STAT_BATCHED_STORES: u64 = 8;
 /// Get only.
 pub const KVM_DEV_USER_GRP_INFO: u32 = 4;
 pub const KVM_DEV_USER_INFO_FEATURES: u64 = 0;
@@ -33,6 +37,8 @@ pub const KVM_DEV_USER_INFO_MAX_SHADOW_SIZE: u64 = 3;
 
 /// Feature bits of `KVM_DEV_USER_INFO_FEATURES`.
 pub const KVM_USER_F_NONPOSTED: u64 = 1 << 0;
+pub const KVM_USER_F_PASS_STORES: u64 = 1 << 1;
+pub const KVM_USER_F_BATCH_STORES: u64 = 1 << 2;
 
 pub const KVM_USER_MAX_RANGES: u16 = 16;
 pub const KVM_USER_BUS_MMIO: u32 = 0;
@@ -101,14 +107,18 @@ pub const RING_RECORDS_OFFSET: usize = 128;
 
 pub const KVM_USER_SHADOW_MMAP_OFFSET: u64 = 1 << 32;
 pub const KVM_USER_MAX_MAP_ENTRIES: u32 = 64;
+/// Loads the entry serves need not wait for pending stores.
+pub const KVM_USER_MAP_PASS_STORES: u32 = 1 << 0;
+/// Stores the entry covers may wait a while before the backend is woken.
+pub const KVM_USER_MAP_BATCH_STORES: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct kvm_user_map_entry {
     pub range: u16,
-    /// Allowed load sizes: an OR of 1, 2, 4, 8.
+    /// Allowed load sizes: an OR of 1, 2, 4, 8 (0 with batching only).
     pub sizes: u16,
-    /// Must be zero.
+    /// `KVM_USER_MAP_*`.
     pub flags: u32,
     pub offset: u64,
     pub len: u64,

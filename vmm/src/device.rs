@@ -30,12 +30,43 @@ pub struct EmulatorSpec {
     pub model: String,
     pub shadow: bool,
     pub forward: Vec<u64>,
+    /// BAR0 offsets of 4-byte registers whose stores the emulator batches.
+    pub batch: Vec<u64>,
+    /// The user device's wakeup settings; `None` keeps the kernel's.
+    pub tuning: Tuning,
     /// Start a new emulator (through a new backend fd) when one ends.
     pub restart: bool,
     /// How long a vCPU waits for the emulator, at most 1 s (the kernel's
     /// default: 100 ms).
     pub access_timeout: Option<Duration>,
     pub transport: Transport,
+}
+
+/// How the user device wakes the emulator and the vCPUs (user.rst,
+/// *Handoff and polling* and *Batched stores*).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tuning {
+    /// How long a vCPU may poll for a reply (at most 1 ms).
+    pub poll: Option<Duration>,
+    /// Whether a forwarded load and its reply hand the CPU over.
+    pub handoff: Option<bool>,
+    /// How long a batched store may wait before the emulator is woken.
+    pub batch_delay: Option<Duration>,
+}
+
+impl Tuning {
+    fn apply(&self, device: &UserDevice) -> userdev::Result<()> {
+        if let Some(poll) = self.poll {
+            device.set_poll(poll)?;
+        }
+        if let Some(on) = self.handoff {
+            device.set_handoff(on)?;
+        }
+        if let Some(delay) = self.batch_delay {
+            device.set_batch_delay(delay)?;
+        }
+        Ok(())
+    }
 }
 
 /// How long a forwarded load waits for its reply by default, as the
@@ -182,6 +213,7 @@ impl EmulatedDevice {
                 if let Some(t) = spec.access_timeout {
                     device.set_timeout(t)?;
                 }
+                spec.tuning.apply(&device)?;
                 Some(device)
             }
             Transport::Socket => None,
@@ -377,6 +409,7 @@ impl EmulatedDevice {
             msi_enabled: st.msi_enabled,
             shadow: self.spec.shadow,
             forward: self.spec.forward.clone(),
+            batch: self.spec.batch.clone(),
             transport: self.spec.transport,
             console: self.console.is_some(),
         };

@@ -71,6 +71,9 @@ pub struct Config {
     /// An MMIO address where a store is absorbed by an ioeventfd: the
     /// floor for a store that needs no reply.
     pub doorbell: Option<u64>,
+    /// An MMIO address where a store signals an ioeventfd that another
+    /// process sleeps on: the floor for a store that wakes its consumer.
+    pub woken_doorbell: Option<u64>,
     pub timeout: Option<std::time::Duration>,
 }
 
@@ -201,6 +204,7 @@ pub struct Devices {
 struct Shared {
     devices: Mutex<Devices>,
     _doorbell: Option<EventFd>,
+    _woken_doorbell: Option<EventFd>,
     vm: VmFd,
     _kvm: Kvm,
     _ram: Ram,
@@ -257,8 +261,16 @@ impl Machine {
             )?;
             devices.slots.push(slot);
         }
+        let woken_doorbell = match config.woken_doorbell {
+            Some(addr) => {
+                let fd = doorbell(&vm, addr, 0)?;
+                spawn_consumer(&fd)?;
+                Some(fd)
+            }
+            None => None,
+        };
         let doorbell = match config.doorbell {
-            Some(addr) => Some(doorbell(&vm, addr)?),
+            Some(addr) => Some(doorbell(&vm, addr, EFD_NONBLOCK)?),
             None => None,
         };
         irq::set_routing(&vm, &[]).map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
@@ -299,6 +311,7 @@ impl Machine {
             shared: Arc::new(Shared {
                 devices: Mutex::new(devices),
                 _doorbell: doorbell,
+                _woken_doorbell: woken_doorbell,
                 vm,
                 _kvm: kvm,
                 _ram: ram,
@@ -720,12 +733,40 @@ fn add_device(
 }
 
 /// An ioeventfd that absorbs stores to `addr`.
-fn doorbell(vm: &VmFd, addr: u64) -> Result<EventFd, MachineError> {
-    let fd = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(|source| MachineError::Io {
+fn doorbell(vm: &VmFd, addr: u64, flags: i32) -> Result<EventFd, MachineError> {
+    let fd = EventFd::new(EFD_CLOEXEC | flags).map_err(|source| MachineError::Io {
         op: "eventfd",
         source,
     })?;
     vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), NoDatamatch)
         .map_err(kvm_err("KVM_IOEVENTFD"))?;
     Ok(fd)
+}
+
+/// A child process that sleeps in read(2) on `fd` and so is woken by every
+/// store to its doorbell, as a vhost worker or an I/O thread in another
+/// process would be. It dies with the VMM.
+fn spawn_consumer(fd: &EventFd) -> Result<(), MachineError> {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
+    // SAFETY: the child only calls async-signal-safe functions (prctl,
+    // read, _exit) on memory of its own stack before it exits, so the
+    // state other threads left behind in the copied address space does not
+    // matter.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(MachineError::Io {
+            op: "fork (doorbell consumer)",
+            source: std::io::Error::last_os_error(),
+        }),
+        0 => {
+            let mut count = 0u64;
+            // SAFETY: as above; `count` is 8 writable bytes.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                while libc::read(raw, &mut count as *mut u64 as *mut libc::c_void, 8) == 8 {}
+                libc::_exit(0)
+            }
+        }
+        _ => Ok(()),
+    }
 }

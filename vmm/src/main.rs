@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use userdev::stats;
-use vmm::device::EmulatorSpec;
+use vmm::device::{EmulatorSpec, Tuning};
 use vmm::machine::{Boot, Config, Machine, MachineError, Serve, Server};
 
 #[derive(Parser, Debug)]
@@ -57,6 +57,24 @@ struct Args {
     /// A BAR0 offset whose loads always reach the emulator (repeatable).
     #[arg(long, value_parser = parse_offset)]
     forward: Vec<u64>,
+    /// A BAR0 offset of a 4-byte register whose stores are batched: the
+    /// emulator is woken for them within the batch delay (repeatable).
+    #[arg(long, value_parser = parse_offset)]
+    batch: Vec<u64>,
+    /// How long a vCPU may poll for a forwarded load's reply while the
+    /// emulator runs on another CPU, in ns (0 to 1000000; the kernel's
+    /// default is 200000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    poll_ns: Option<u64>,
+    /// Hand the waker's CPU over for a forwarded load and its reply,
+    /// instead of letting the scheduler place the woken emulator and vCPU
+    /// (the kernel's default).
+    #[arg(long)]
+    handoff: bool,
+    /// How long a batched store may wait before the emulator is woken, in
+    /// µs (1 to 1000000; the kernel's default is 100).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    batch_us: Option<u64>,
     /// How long a vCPU may wait for an emulator's reply or for ring space,
     /// and the VMM for the emulator before a configuration write, in
     /// milliseconds (1 to 1000; the kernel's default is 100).
@@ -71,6 +89,10 @@ struct Args {
     /// exit into KVM).
     #[arg(long, value_parser = parse_offset)]
     doorbell: Option<u64>,
+    /// Put an ioeventfd at this MMIO address and a process that sleeps on
+    /// it (a store there costs the exit and the consumer's wakeup).
+    #[arg(long, value_parser = parse_offset)]
+    woken_doorbell: Option<u64>,
     /// Give up (exit 124) if the guest has not finished after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
@@ -94,6 +116,12 @@ fn main() {
         model: "edu".into(),
         shadow: !args.no_shadow,
         forward: args.forward.clone(),
+        batch: args.batch.clone(),
+        tuning: Tuning {
+            poll: args.poll_ns.map(Duration::from_nanos),
+            handoff: args.handoff.then_some(true),
+            batch_delay: args.batch_us.map(Duration::from_micros),
+        },
         restart: args.restart,
         access_timeout: args.access_timeout_ms.map(Duration::from_millis),
         transport: args.serve.transport(),
@@ -105,6 +133,7 @@ fn main() {
         devices.push(EmulatorSpec {
             model: "uart16550a".into(),
             forward: Vec::new(),
+            batch: Vec::new(),
             ..edu.clone()
         });
     }
@@ -127,6 +156,7 @@ fn main() {
         devices,
         serve: args.serve,
         doorbell: args.doorbell,
+        woken_doorbell: args.woken_doorbell,
         timeout: args.timeout.map(Duration::from_secs),
     };
     let code = run(&config);

@@ -93,7 +93,7 @@ impl TestdevStore {
 mod edu {
     pub use edu_regs::{
         FACTORIAL, IDENTIFICATION, IDENTIFICATION_REG, IRQ_ACKNOWLEDGE, IRQ_RAISE, IRQ_STATUS,
-        LIVENESS,
+        LIVENESS, UNUSED,
     };
     pub const ID: (u16, u16) = (edu_regs::VENDOR_ID, edu_regs::DEVICE_ID);
 }
@@ -204,6 +204,25 @@ impl Device {
                 expect(testdev::DATA, store.data, self.regs.read32(testdev::DATA))
             }
         }
+    }
+
+    /// A store to an offset the device ignores, which stands for a log or
+    /// FIFO register: a store that needs no prompt service. Edu only (its
+    /// emulator may batch it); pci-testdev has nothing to spare.
+    pub fn batched_store(&self) -> Option<impl FnMut() + '_> {
+        match &self.kind {
+            Kind::Edu { .. } => Some(move || self.regs.write32(edu::UNUSED, 0)),
+            Kind::Testdev { .. } => None,
+        }
+    }
+
+    /// A store, then a load of another register whose value does not
+    /// depend on it: an 8250 driver's THR store and LSR load. Edu: liveness,
+    /// then the identification register (which its emulator lets pass
+    /// pending stores).
+    pub fn store_load_other(&mut self) -> Result<(), Wrong> {
+        self.store();
+        self.load()
     }
 
     /// A store, then a load of the same register, which must see it.

@@ -8,12 +8,15 @@
 //!
 //! Command line (all optional): `samples=N` (default 200), `warmup=N`
 //! (default 20), `doorbell=ADDR` (an MMIO address where the VMM put an
-//! ioeventfd) or `doorbell=testdev` (pci-testdev's wildcard-eventfd test).
+//! ioeventfd) or `doorbell=testdev` (pci-testdev's wildcard-eventfd test),
+//! `woken-doorbell=ADDR` (an ioeventfd that another process sleeps on),
+//! `idle=N` (halt N seconds after the timed accesses).
 //!
 //! Output, one line per access type, cycles in hex:
 //! `bench: samples <type> <n> <cycles>...`; `bench: skip <type> <why>` for a
 //! type this device or VMM cannot do; `bench: error <what>` if the device
-//! answered wrongly (exit status 1); `bench: done` at the end (status 0).
+//! answered wrongly (exit status 1); `bench: idle begin N` and `bench: idle
+//! end` around the idle time; `bench: done` at the end (status 0).
 
 #![no_std]
 #![no_main]
@@ -23,7 +26,7 @@ mod out;
 
 use kvm_userdev_guest::cpu::{self, rdtsc};
 use kvm_userdev_guest::mmio::Mmio;
-use kvm_userdev_guest::{entry, pci, platform, println};
+use kvm_userdev_guest::{apic, entry, pci, platform, println};
 
 use device::Device;
 use out::Line;
@@ -37,6 +40,11 @@ struct Options {
     samples: usize,
     warmup: usize,
     doorbell: Option<Doorbell>,
+    /// An ioeventfd whose eventfd a process reads, sleeping between stores.
+    woken_doorbell: Option<usize>,
+    /// Seconds to halt after the timed accesses: an idle guest, whose cost
+    /// the host measures between the two lines it prints.
+    idle_s: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -50,6 +58,8 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
         samples: 200,
         warmup: 20,
         doorbell: None,
+        woken_doorbell: None,
+        idle_s: 0,
     };
     for word in cmdline.split_whitespace() {
         match word.split_once('=') {
@@ -61,15 +71,18 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
             }
             Some(("warmup", n)) => options.warmup = n.parse().map_err(|_| word)?,
             Some(("doorbell", "testdev")) => options.doorbell = Some(Doorbell::Testdev),
-            Some(("doorbell", a)) => {
-                let a = a.strip_prefix("0x").ok_or(word)?;
-                let a = usize::from_str_radix(a, 16).map_err(|_| word)?;
-                options.doorbell = Some(Doorbell::Address(a));
-            }
+            Some(("doorbell", a)) => options.doorbell = Some(Doorbell::Address(hex(a, word)?)),
+            Some(("woken-doorbell", a)) => options.woken_doorbell = Some(hex(a, word)?),
+            Some(("idle", n)) => options.idle_s = n.parse().map_err(|_| word)?,
             _ => println!("# ignoring {word}"),
         }
     }
     Ok(options)
+}
+
+fn hex<'a>(a: &str, word: &'a str) -> Result<usize, &'a str> {
+    let a = a.strip_prefix("0x").ok_or(word)?;
+    usize::from_str_radix(a, 16).map_err(|_| word)
 }
 
 /// The place an ioeventfd doorbell may be: the MMIO hole above the BAR
@@ -120,10 +133,27 @@ fn main(cmdline: &'static str) -> ! {
         },
         None => bench.skip("ioeventfd-store", "no doorbell given"),
     }
+    match options.woken_doorbell {
+        Some(a) if DOORBELL_WINDOW.contains(&a) && a % 4 == 0 => {
+            // SAFETY: as for the doorbell: an ioeventfd at `a` in the hole.
+            let doorbell = unsafe { Mmio::new(a, 4) };
+            bench.time("ioeventfd-wake", || doorbell.write32(0, 1));
+        }
+        Some(a) => {
+            println!("bench: error woken-doorbell {a:#x} outside {DOORBELL_WINDOW:#x?}");
+            bench.errors += 1;
+        }
+        None => bench.skip("ioeventfd-wake", "no woken doorbell given"),
+    }
     bench.time("store", || dev.store());
+    match dev.batched_store() {
+        Some(store) => bench.time("batched-store", store),
+        None => bench.skip("batched-store", "pci-testdev has no register to spare"),
+    }
     bench.time_checked("load", || dev.load());
     bench.time_checked("sync-load", || dev.sync_load());
     bench.time_checked("store-load", || dev.store_load());
+    bench.time_checked("store-load-other", || dev.store_load_other());
     match dev.irq_round_trip() {
         Some(mut round_trip) => bench.time_checked("irq", &mut round_trip),
         None => bench.skip("irq", "the device has no interrupt"),
@@ -131,6 +161,11 @@ fn main(cmdline: &'static str) -> ! {
     if bench.errors > 0 {
         println!("bench: error {} wrong answers", bench.errors);
         platform::exit(1)
+    }
+    if options.idle_s > 0 {
+        println!("bench: idle begin {}", options.idle_s);
+        apic::halt_ms(options.idle_s * 1000);
+        println!("bench: idle end");
     }
     println!("bench: done");
     platform::exit(0)
