@@ -32,8 +32,8 @@ pub struct Variant {
 
 #[derive(Clone, Debug)]
 enum How {
-    /// Our VMM with these arguments.
-    Vmm(&'static [&'static str]),
+    /// Our VMM with these arguments, then these.
+    Vmm(&'static [&'static str], &'static [&'static str]),
     QemuInProcess(qemu::Device),
     QemuMultiProcess,
 }
@@ -45,77 +45,43 @@ pub fn all() -> Vec<Variant> {
             name: "kvm-userdev",
             description: "user device, default settings: stores posted (batched-store batched), loads from the shadow image, sync-load forwarded to the sandboxed emulator; the emulator and a waiting vCPU poll adaptively (up to 200 µs)",
             device: "edu",
-            how: How::Vmm(USER),
+            how: How::Vmm(USER, &[]),
         },
         Variant {
             name: "kvm-userdev-poll",
             description: "as kvm-userdev, with polling limits scaled to this test bed, where a wakeup or an exit costs ten times or more what it costs on hardware: the emulator polls up to 2 ms, a vCPU up to 1 ms",
             device: "edu",
-            how: How::Vmm(&[
-                "--serve",
-                "user",
-                "--forward",
-                SYNC_LOAD_REGISTER,
-                "--batch",
-                BATCH_REGISTER,
-                "--poll-ns",
-                "1000000",
-                "--emulator-arg=--poll-us",
-                "--emulator-arg=2000",
-            ]),
+            how: How::Vmm(USER, &["--poll-ns", "1000000", "--emulator-arg=--poll-us", "--emulator-arg=2000"]),
         },
         Variant {
             name: "kvm-userdev-sleep",
             description: "as kvm-userdev, polling on neither side: the emulator sleeps after each batch, a vCPU sleeps at once",
             device: "edu",
-            how: How::Vmm(&[
-                "--serve",
-                "user",
-                "--forward",
-                SYNC_LOAD_REGISTER,
-                "--batch",
-                BATCH_REGISTER,
-                "--poll-ns",
-                "0",
-                "--emulator-arg=--poll-us",
-                "--emulator-arg=0",
-            ]),
+            how: How::Vmm(USER, &["--poll-ns", "0", "--emulator-arg=--poll-us", "--emulator-arg=0"]),
         },
         Variant {
             name: "kvm-userdev-handoff",
             description: "as kvm-userdev-sleep, with handoff: a forwarded load wakes the emulator on the vCPU's CPU, its reply the vCPU on the emulator's",
             device: "edu",
-            how: How::Vmm(&[
-                "--serve",
-                "user",
-                "--forward",
-                SYNC_LOAD_REGISTER,
-                "--batch",
-                BATCH_REGISTER,
-                "--poll-ns",
-                "0",
-                "--emulator-arg=--poll-us",
-                "--emulator-arg=0",
-                "--handoff",
-            ]),
+            how: How::Vmm(USER, &["--poll-ns", "0", "--emulator-arg=--poll-us", "--emulator-arg=0", "--handoff"]),
         },
         Variant {
             name: "kvm-userdev-noshadow",
             description: "user device without shadow image: every load forwarded to the sandboxed emulator",
             device: "edu",
-            how: How::Vmm(&["--serve", "user", "--no-shadow"]),
+            how: How::Vmm(&["--serve", "user", "--no-shadow"], &[]),
         },
         Variant {
             name: "vmm-in-process",
             description: "our VMM, device model in the VMM process (KVM_EXIT_MMIO)",
             device: "edu",
-            how: How::Vmm(&["--serve", "in-process"]),
+            how: How::Vmm(&["--serve", "in-process"], &[]),
         },
         Variant {
             name: "vmm-socket",
             description: "our VMM forwards KVM_EXIT_MMIO to the sandboxed emulator over a UNIX socket",
             device: "edu",
-            how: How::Vmm(&["--serve", "socket"]),
+            how: How::Vmm(&["--serve", "socket"], &[]),
         },
         Variant {
             name: "qemu-edu",
@@ -170,9 +136,9 @@ impl Variant {
     /// warm-up); the doorbell is added where the variant has one.
     pub fn run(&self, programs: &Programs, cmdline: &str) -> Result<RunOutput> {
         match &self.how {
-            How::Vmm(args) => run_vmm(
+            How::Vmm(base, extra) => run_vmm(
                 programs,
-                args,
+                &[*base, *extra].concat(),
                 &format!("{cmdline} doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"),
             ),
             How::QemuInProcess(device) => {
@@ -203,13 +169,14 @@ impl Variant {
     /// few accesses of each type, then halts `seconds`. Only for our VMM's
     /// variants (None for QEMU's).
     pub fn idle_cost(&self, programs: &Programs, seconds: u32) -> Result<Option<IdleCost>> {
-        let How::Vmm(args) = &self.how else {
+        let How::Vmm(base, extra) = &self.how else {
             return Ok(None);
         };
+        let args = [*base, *extra].concat();
         let cmdline = format!(
             "samples=20 warmup=2 idle={seconds} doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"
         );
-        let mut command = vmm_command(programs, args, &cmdline);
+        let mut command = vmm_command(programs, &args, &cmdline);
         command.args([
             "--timeout",
             &(RUN_TIMEOUT.as_secs() + u64::from(seconds)).to_string(),
