@@ -3,13 +3,15 @@
 //! and the CPU time the VMM (its vCPU threads included) and the emulator
 //! use meanwhile is read from `/proc`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::process::Proc;
 
 /// What one idle measurement found.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -63,62 +65,66 @@ fn sample(vmm: u32, emulators: &[u32]) -> Result<(f64, f64)> {
 }
 
 /// Runs `command` (our VMM with the payload, its command line asking for
-/// `idle=N`) and measures the idle span the payload announces.
+/// `idle=N`) and measures the idle span the payload announces. The VMM is
+/// killed if it has not ended by `timeout`.
 pub fn measure(mut command: Command, timeout: Duration) -> Result<IdleCost> {
-    let mut child = command
+    command
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start the VMM")?;
-    let vmm = child.id();
+        .stderr(Stdio::piped());
+    let mut vmm = Proc::spawn("the VMM", command, None)?;
+    let pid = vmm.id();
     let stderr = Arc::new(Mutex::new(String::new()));
-    let mut err_pipe = child.stderr.take().context("stderr")?;
+    let err_pipe = vmm.take_stderr().context("stderr")?;
     let collected = Arc::clone(&stderr);
     let err_reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err_pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
+        for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
             if let Ok(mut s) = collected.lock() {
-                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                s.push_str(&line);
+                s.push('\n');
             }
         }
     });
-    let started = Instant::now();
-    let mut begin = None;
-    let mut cost = None;
-    let mut transcript = String::new();
-    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
-        let line = line?;
-        transcript.push_str(&line);
-        transcript.push('\n');
-        let emulators = emulator_pids(&stderr.lock().map(|s| s.clone()).unwrap_or_default());
-        if line.starts_with("bench: idle begin") {
-            begin = Some((Instant::now(), sample(vmm, &emulators)?));
-        } else if line.starts_with("bench: idle end") {
-            let Some((t0, (vmm0, emu0))) = begin else {
-                bail!("idle end without a beginning");
-            };
-            let (vmm1, emu1) = sample(vmm, &emulators)?;
-            let seconds = t0.elapsed().as_secs_f64();
-            cost = Some(IdleCost {
-                seconds,
-                vmm_percent: 100.0 * (vmm1 - vmm0) / seconds,
-                emulator_percent: 100.0 * (emu1 - emu0) / seconds,
-            });
+    // The console, line by line: the CPU times are read at the two lines
+    // around the idle span, the emulators' pids (all started by then) at
+    // the first.
+    let out_pipe = vmm.take_stdout().context("stdout")?;
+    let log = Arc::clone(&stderr);
+    let console = std::thread::spawn(move || -> Result<(Option<IdleCost>, String)> {
+        let mut transcript = String::new();
+        let mut begin = None;
+        for line in BufReader::new(out_pipe).lines() {
+            let line = line?;
+            transcript.push_str(&line);
+            transcript.push('\n');
+            if line.starts_with("bench: idle begin") {
+                let emulators = emulator_pids(&log.lock().map(|s| s.clone()).unwrap_or_default());
+                begin = Some((Instant::now(), sample(pid, &emulators)?, emulators));
+            } else if line.starts_with("bench: idle end") {
+                let Some((t0, (vmm0, emu0), emulators)) = begin.take() else {
+                    bail!("idle end without a beginning");
+                };
+                let (vmm1, emu1) = sample(pid, &emulators)?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let cost = IdleCost {
+                    seconds,
+                    vmm_percent: 100.0 * (vmm1 - vmm0) / seconds,
+                    emulator_percent: 100.0 * (emu1 - emu0) / seconds,
+                };
+                return Ok((Some(cost), transcript));
+            }
         }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            bail!("the idle run took longer than {timeout:?}");
-        }
-    }
-    let status = child.wait()?;
+        Ok((None, transcript))
+    });
+    let status = vmm.wait_until(Instant::now() + timeout)?;
+    vmm.kill();
+    let (cost, transcript) = console.join().expect("console reader")?;
     let _ = err_reader.join();
-    match cost {
-        Some(cost) if status.success() => Ok(cost),
+    match (cost, status) {
+        (Some(cost), Some(status)) if status.success() => Ok(cost),
         _ => bail!(
-            "the idle run ended with {status} without measuring\nguest:\n{}\nvmm:\n{}",
+            "the idle run ended ({}) without measuring\nguest:\n{}\nvmm:\n{}",
+            vmm.ending(),
             crate::qemu::tail(&transcript),
             crate::qemu::tail(&stderr.lock().map(|s| s.clone()).unwrap_or_default())
         ),

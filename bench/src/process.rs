@@ -69,6 +69,11 @@ impl Proc {
         })
     }
 
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What it is, for messages.
     pub fn role(&self) -> &'static str {
         self.role
