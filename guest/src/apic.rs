@@ -14,6 +14,13 @@ const LAPIC_TPR: usize = 0x80;
 const LAPIC_EOI: usize = 0xb0;
 const LAPIC_SVR: usize = 0xf0;
 const SVR_APIC_ENABLE: u32 = 1 << 8;
+const LAPIC_ICR_LOW: usize = 0x300;
+const LAPIC_ICR_HIGH: usize = 0x310;
+const ICR_FIXED: u32 = 0x000;
+const ICR_INIT: u32 = 0x500;
+const ICR_STARTUP: u32 = 0x600;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_PENDING: u32 = 1 << 12;
 const LAPIC_LVT_TIMER: usize = 0x320;
 const LAPIC_TIMER_INITIAL: usize = 0x380;
 const LAPIC_TIMER_DIVIDE: usize = 0x3e0;
@@ -60,6 +67,12 @@ pub(crate) fn init() {
     for pin in 0..ioapic_pins() {
         ioapic_mask(pin);
     }
+    enable_local();
+}
+
+/// Enables this CPU's local APIC (INIT leaves it disabled), accepting
+/// every priority.
+pub(crate) fn enable_local() {
     local_apic().write32(LAPIC_TPR, 0);
     local_apic().write32(LAPIC_SVR, SVR_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
 }
@@ -84,6 +97,31 @@ pub fn halt_ms(ms: u64) {
     }
     lapic.write32(LAPIC_TIMER_INITIAL, 0);
     crate::interrupts::clear_handler(TIMER_VECTOR);
+}
+
+/// Sends CPU `apic_id` an INIT and then two start-up IPIs, the protocol
+/// that starts it in real mode at page `vector` (address `vector << 12`).
+pub fn start_cpu(apic_id: u8, vector: u8) {
+    send_ipi(apic_id, ICR_INIT | ICR_LEVEL_ASSERT);
+    crate::cpu::delay_ms(10);
+    for _ in 0..2 {
+        send_ipi(apic_id, ICR_STARTUP | u32::from(vector));
+        crate::cpu::delay_ms(1);
+    }
+}
+
+/// Interrupts CPU `apic_id` on `vector` (fixed delivery).
+pub fn interrupt_cpu(apic_id: u8, vector: u8) {
+    send_ipi(apic_id, ICR_FIXED | ICR_LEVEL_ASSERT | u32::from(vector));
+}
+
+fn send_ipi(apic_id: u8, command: u32) {
+    let lapic = local_apic();
+    without_interrupts(|| {
+        lapic.write32(LAPIC_ICR_HIGH, u32::from(apic_id) << 24);
+        lapic.write32(LAPIC_ICR_LOW, command);
+    });
+    crate::cpu::wait_until(100, || lapic.read32(LAPIC_ICR_LOW) & ICR_PENDING == 0);
 }
 
 /// This CPU's local APIC ID.

@@ -6,6 +6,11 @@
 //! `struct hvm_start_info`. `pvh_entry` loads our GDT, enables PAE paging
 //! with the static page tables below and long mode, jumps to 64-bit code,
 //! zeroes .bss, switches to the boot stack and calls `rust_start`.
+//!
+//! The second CPU (see `smp`) starts in real mode at a copy of
+//! `ap_trampoline` below 1 MiB, switches to 32-bit protected mode and joins
+//! `pvh_entry` with [`AP_MARKER`] in place of the start info; in long mode
+//! it takes its own stack and calls `smp::ap_start` instead.
 
 use core::arch::global_asm;
 use core::slice;
@@ -17,6 +22,12 @@ use crate::{apic, cpu, interrupts, println};
 const _: &str = include_str!("../guest.ld");
 
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// What the second CPU has in `%ebx` at `pvh_entry`: no start info is
+/// there (the top of the 32-bit space is the local APIC's and firmware's).
+const AP_MARKER: u32 = 0xffff_ffff;
+
+const CR0_PE: u32 = 1 << 0;
 
 const CR0_MP: u32 = 1 << 1; // SSE: monitor coprocessor
 const CR0_EM: u32 = 1 << 2; // SSE: no x87 emulation
@@ -107,6 +118,8 @@ global_asm!(
     "ljmp {code_selector}, offset boot_long_mode",
     ".code64",
     "boot_long_mode:",
+    "cmp esi, {ap_marker}",
+    "je 2f",
     "lea rdi, [rip + __bss_start]",
     "lea rcx, [rip + __bss_end]",
     "sub rcx, rdi",
@@ -116,13 +129,54 @@ global_asm!(
     "mov edi, esi",
     "call {rust_start}",
     "ud2",
+    "2:",
+    "lea rsp, [rip + {ap_stack} + {ap_stack_size}]",
+    "call {ap_start}",
+    "ud2",
+    ".popsection",
+    //
+    // The second CPU's real-mode start, copied below 1 MiB by `smp` (its
+    // start-up IPI's vector names the page): CS is that page, IP 0, so the
+    // trampoline addresses its own data relative to CS. Data segments are
+    // loaded before the jump: pvh_entry reads memory above 1 MiB, beyond the
+    // 64 KiB limit of the real-mode segments that INIT left.
+    ".pushsection .rodata.ap_trampoline, \"a\"",
+    ".balign 16",
+    ".global ap_trampoline",
+    "ap_trampoline:",
+    ".code16",
+    "jmp 2f",
+    // At offset 8, where the lgdt below looks. A 16-bit lgdt takes 24 bits
+    // of base: the GDT lies below 16 MiB.
+    ".balign 8",
+    ".word {gdt_size} - 1",
+    ".long {gdt}",
+    "2:",
+    "cli",
+    "lgdt cs:[8]",
+    "mov eax, cr0",
+    "or eax, {cr0_pe}",
+    "mov cr0, eax",
+    "mov ax, {data_selector}",
+    "mov ds, ax",
+    "mov es, ax",
+    "mov ss, ax",
+    "mov ebx, {ap_marker}",
+    // ljmp with a 32-bit offset: pvh_entry lies above 64 KiB.
+    ".byte 0x66, 0xea",
+    ".long pvh_entry",
+    ".word {code32_selector}",
+    // Back to what the assembler expects of the blocks that follow.
+    ".code64",
+    ".global ap_trampoline_end",
+    "ap_trampoline_end:",
     ".popsection",
     phys32_entry = const XEN_ELFNOTE_PHYS32_ENTRY,
     table = const PTE_PRESENT | PTE_WRITABLE,
     mmio_start = const MMIO_START,
     ram_page = const PTE_PRESENT | PTE_WRITABLE | PTE_LARGE,
     mmio_page = const PTE_PRESENT | PTE_WRITABLE | PTE_LARGE | PTE_PWT | PTE_PCD,
-    gdt_size = const size_of::<[u64; 5]>(),
+    gdt_size = const size_of::<[u64; cpu::GDT_ENTRIES]>(),
     gdt = sym cpu::GDT,
     data_selector = const cpu::DATA_SELECTOR,
     code_selector = const cpu::CODE_SELECTOR,
@@ -134,6 +188,12 @@ global_asm!(
     stack = sym cpu::BOOT_STACK,
     stack_size = const cpu::BOOT_STACK_SIZE,
     rust_start = sym rust_start,
+    ap_marker = const AP_MARKER,
+    ap_stack = sym cpu::AP_STACK,
+    ap_stack_size = const cpu::AP_STACK_SIZE,
+    ap_start = sym crate::smp::ap_start,
+    cr0_pe = const CR0_PE,
+    code32_selector = const cpu::CODE32_SELECTOR,
 );
 
 unsafe extern "Rust" {
@@ -143,7 +203,7 @@ unsafe extern "Rust" {
 
 /// Called by `pvh_entry` in long mode, on the boot stack, interrupts off.
 extern "C" fn rust_start(start_info: u32) -> ! {
-    cpu::init();
+    cpu::init(0);
     interrupts::init();
     apic::init();
     interrupts::enable();

@@ -8,31 +8,55 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// GDT selectors.
 pub(crate) const CODE_SELECTOR: u16 = 0x08;
 pub(crate) const DATA_SELECTOR: u16 = 0x10;
-const TSS_SELECTOR: u16 = 0x18;
+/// 32-bit code, for the second CPU's way from real mode to long mode.
+pub(crate) const CODE32_SELECTOR: u16 = 0x18;
+/// Each CPU's TSS (two entries each).
+const TSS_SELECTORS: [u16; CPUS] = [0x20, 0x30];
+
+/// The CPUs the runtime can run on: the boot CPU and one more (see `smp`).
+pub(crate) const CPUS: usize = 2;
 
 /// 64-bit code: present, DPL 0, execute/read, long mode (L), 4 KiB granularity.
 const CODE64_DESCRIPTOR: u64 = 0x00af_9a00_0000_ffff;
 /// Flat 4 GiB data: present, DPL 0, read/write, 32-bit, 4 KiB granularity.
 /// The 32-bit boot code uses it too.
 const DATA_DESCRIPTOR: u64 = 0x00cf_9200_0000_ffff;
+/// Flat 4 GiB 32-bit code: present, DPL 0, execute/read, 4 KiB granularity.
+const CODE32_DESCRIPTOR: u64 = 0x00cf_9a00_0000_ffff;
 
-/// The GDT. The boot code loads it; `init` adds the TSS descriptor
-/// (two entries) before loading the task register.
-pub(crate) static mut GDT: [u64; 5] = [0, CODE64_DESCRIPTOR, DATA_DESCRIPTOR, 0, 0];
+pub(crate) const GDT_ENTRIES: usize = 8;
+
+/// The GDT. The boot code loads it; `init` adds each CPU's TSS descriptor
+/// (two entries) before loading its task register.
+pub(crate) static mut GDT: [u64; GDT_ENTRIES] = [
+    0,
+    CODE64_DESCRIPTOR,
+    DATA_DESCRIPTOR,
+    CODE32_DESCRIPTOR,
+    0,
+    0,
+    0,
+    0,
+];
 
 #[repr(C, align(16))]
 pub(crate) struct Stack<const N: usize>([u8; N]);
 
 pub(crate) const BOOT_STACK_SIZE: usize = 128 * 1024;
+pub(crate) const AP_STACK_SIZE: usize = 64 * 1024;
 const INTERRUPT_STACK_SIZE: usize = 32 * 1024;
 
 /// The stack `main` runs on (set up by the boot code).
 pub(crate) static mut BOOT_STACK: Stack<BOOT_STACK_SIZE> = Stack([0; BOOT_STACK_SIZE]);
 
-/// The stack every interrupt and exception runs on (IST1). Rust code may use
-/// the 128-byte red zone below its stack pointer, which an interrupt frame
-/// pushed onto the same stack would overwrite.
-static mut INTERRUPT_STACK: Stack<INTERRUPT_STACK_SIZE> = Stack([0; INTERRUPT_STACK_SIZE]);
+/// The stack the second CPU runs on (set up by the boot code).
+pub(crate) static mut AP_STACK: Stack<AP_STACK_SIZE> = Stack([0; AP_STACK_SIZE]);
+
+/// The stack every interrupt and exception runs on (IST1), one per CPU.
+/// Rust code may use the 128-byte red zone below its stack pointer, which
+/// an interrupt frame pushed onto the same stack would overwrite.
+static mut INTERRUPT_STACKS: [Stack<INTERRUPT_STACK_SIZE>; CPUS] =
+    [const { Stack([0; INTERRUPT_STACK_SIZE]) }; CPUS];
 
 /// The 64-bit task state segment: only the interrupt stack table is used.
 #[repr(C, packed(4))]
@@ -46,16 +70,18 @@ struct Tss {
     iomap_base: u16,
 }
 
-static mut TSS: Tss = Tss {
-    reserved0: 0,
-    rsp: [0; 3],
-    reserved1: 0,
-    ist: [0; 7],
-    reserved2: 0,
-    reserved3: 0,
-    // Past the end of the TSS: no I/O permission bitmap.
-    iomap_base: size_of::<Tss>() as u16,
-};
+static mut TSS: [Tss; CPUS] = [const {
+    Tss {
+        reserved0: 0,
+        rsp: [0; 3],
+        reserved1: 0,
+        ist: [0; 7],
+        reserved2: 0,
+        reserved3: 0,
+        // Past the end of the TSS: no I/O permission bitmap.
+        iomap_base: size_of::<Tss>() as u16,
+    }
+}; CPUS];
 
 /// Builds the two GDT entries of an available 64-bit TSS at `base`.
 fn tss_descriptor(base: u64) -> [u64; 2] {
@@ -68,18 +94,24 @@ fn tss_descriptor(base: u64) -> [u64; 2] {
     [low, base >> 32]
 }
 
-/// Points IST1 at the interrupt stack and loads the task register.
-pub(crate) fn init() {
-    let interrupt_stack_top = (&raw const INTERRUPT_STACK).addr() + INTERRUPT_STACK_SIZE;
-    let tss = &raw mut TSS;
+/// Points IST1 of CPU `cpu`'s TSS at its interrupt stack and loads its
+/// task register. Each CPU calls it once, for itself.
+pub(crate) fn init(cpu: usize) {
+    assert!(cpu < CPUS);
+    // The top of the cpu'th stack; the array holds them back to back.
+    let stack = (&raw const INTERRUPT_STACKS).addr() + (cpu + 1) * INTERRUPT_STACK_SIZE;
+    let tss = (&raw mut TSS).cast::<Tss>().wrapping_add(cpu);
     let [low, high] = tss_descriptor(tss.addr() as u64);
-    // SAFETY: runs once, on the only vCPU, before interrupts are enabled:
-    // nothing else uses the TSS or GDT yet. The descriptor describes TSS.
+    let selector = TSS_SELECTORS[cpu];
+    let entry = usize::from(selector) / 8;
+    // SAFETY: runs once per CPU, on that CPU, with its interrupts off:
+    // nothing else uses this CPU's TSS or its GDT entries, which no other
+    // CPU's selector refers to. The descriptor describes that TSS.
     unsafe {
-        (*tss).ist[0] = interrupt_stack_top as u64;
-        GDT[3] = low;
-        GDT[4] = high;
-        asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));
+        (*tss).ist[0] = stack as u64;
+        GDT[entry] = low;
+        GDT[entry + 1] = high;
+        asm!("ltr {0:x}", in(reg) selector, options(nostack, preserves_flags));
     }
 }
 

@@ -170,19 +170,24 @@ struct DescriptorTablePointer {
 pub(crate) fn init() {
     let stubs = interrupt_stubs as *const () as usize;
     let idt = &raw mut IDT;
-    let pointer = DescriptorTablePointer {
-        limit: size_of::<Idt>() as u16 - 1,
-        base: idt.addr() as u64,
-    };
-    // SAFETY: runs once, on the only vCPU, with interrupts disabled: nothing
-    // else uses the IDT. Its gates point at the stubs, which handle every
-    // vector.
+    // SAFETY: runs once, on the boot CPU, before any other CPU starts and
+    // with interrupts disabled: nothing else uses the IDT.
     unsafe {
         for (vector, gate) in (*idt).0.iter_mut().enumerate() {
             *gate = Gate::new((stubs + vector * STUB_SIZE) as u64);
         }
-        asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags));
     }
+    load();
+}
+
+/// Loads the IDT into this CPU; `init` filled it.
+pub(crate) fn load() {
+    let pointer = DescriptorTablePointer {
+        limit: size_of::<Idt>() as u16 - 1,
+        base: (&raw const IDT).addr() as u64,
+    };
+    // SAFETY: the IDT's gates point at the stubs, which handle every vector.
+    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) };
 }
 
 pub fn enable() {

@@ -20,7 +20,8 @@
 //! }
 //! ```
 //!
-//! Everything runs on one vCPU. Guest physical addresses equal virtual
+//! Everything runs on one vCPU, except what a program hands a second one
+//! with [`smp::SecondCpu`]. Guest physical addresses equal virtual
 //! addresses, so the address of a static is also what a device uses for DMA.
 //! The image, its stacks and buffers stay below 16 MiB; the VMM must give the
 //! guest at least 64 MiB of RAM from address 0.
@@ -38,6 +39,7 @@ mod mem;
 pub mod mmio;
 pub mod pci;
 pub mod platform;
+pub mod smp;
 
 /// Names the program's entry point, a `fn(cmdline: &'static str) -> !`.
 ///

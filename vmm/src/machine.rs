@@ -128,7 +128,7 @@ pub enum MachineError {
     UnknownModel { index: usize, model: String },
     #[error("device {index}: only one device can have the console")]
     SecondConsole { index: usize },
-    #[error("{0} vCPUs: a PVH payload runs on one; boot Linux for more")]
+    #[error("{0} vCPUs: a VM needs at least one")]
     Cpus(u8),
     #[error("this kernel has no KVM_DEV_TYPE_USER (boot the patched kernel: cargo xtask vm)")]
     NoUserDevice,
@@ -227,7 +227,7 @@ impl Machine {
             return Err(MachineError::NoUserDevice);
         }
         let linux = matches!(config.boot, Boot::Linux { .. });
-        if config.cpus == 0 || (config.cpus > 1 && !linux) {
+        if config.cpus == 0 {
             return Err(MachineError::Cpus(config.cpus));
         }
         vm.create_irq_chip()

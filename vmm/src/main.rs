@@ -32,7 +32,8 @@ struct Args {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=3072))]
     memory: u64,
-    /// vCPUs (more than one only with --kernel).
+    /// vCPUs. A payload starts on vCPU 0 (APIC ID 0); the others wait for
+    /// its INIT and start-up IPIs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
     cpus: u8,
     /// A 16550A UART at port 0x3f8 on IRQ 4 (the guest's ttyS0), with its

@@ -92,8 +92,8 @@ impl TestdevStore {
 /// image, so that its loads reach the emulator.
 mod edu {
     pub use edu_regs::{
-        FACTORIAL, IDENTIFICATION, IDENTIFICATION_REG, IRQ_ACKNOWLEDGE, IRQ_RAISE, IRQ_STATUS,
-        LIVENESS, UNUSED,
+        DMA_SOURCE, FACTORIAL, IDENTIFICATION, IDENTIFICATION_REG, IRQ_ACKNOWLEDGE, IRQ_RAISE,
+        IRQ_STATUS, LIVENESS, UNUSED,
     };
     pub const ID: (u16, u16) = (edu_regs::VENDOR_ID, edu_regs::DEVICE_ID);
 }
@@ -270,6 +270,62 @@ impl Device {
                 Err(Wrong::NoInterrupt)
             }
         })
+    }
+}
+
+impl Device {
+    /// CPU `cpu`'s share of the device when two CPUs drive it at once (edu
+    /// only): each stores to, and loads back, a register of its own.
+    pub fn lane(&self, cpu: usize) -> Option<Lane> {
+        let Kind::Edu { factorial, .. } = self.kind else {
+            return None;
+        };
+        // Liveness reads back inverted, the DMA source as written.
+        let (register, invert) = match cpu {
+            0 => (edu::LIVENESS, true),
+            _ => (edu::DMA_SOURCE, false),
+        };
+        Some(Lane {
+            regs: self.regs,
+            register,
+            invert,
+            factorial,
+            value: 0,
+        })
+    }
+}
+
+/// See [`Device::lane`].
+pub struct Lane {
+    regs: Mmio,
+    register: usize,
+    invert: bool,
+    factorial: u32,
+    value: u32,
+}
+
+impl Lane {
+    pub fn store(&mut self) {
+        self.value = self.value.wrapping_add(1);
+        self.regs.write32(self.register, self.value);
+    }
+
+    pub fn batched_store(&self) {
+        self.regs.write32(edu::UNUSED, 0);
+    }
+
+    pub fn sync_load(&self) -> Result<(), Wrong> {
+        expect(
+            edu::FACTORIAL,
+            self.factorial,
+            self.regs.read32(edu::FACTORIAL),
+        )
+    }
+
+    pub fn store_load(&mut self) -> Result<(), Wrong> {
+        self.store();
+        let expected = if self.invert { !self.value } else { self.value };
+        expect(self.register, expected, self.regs.read32(self.register))
     }
 }
 

@@ -10,11 +10,14 @@
 //! (default 20), `doorbell=ADDR` (an MMIO address where the VMM put an
 //! ioeventfd) or `doorbell=testdev` (pci-testdev's wildcard-eventfd test),
 //! `woken-doorbell=ADDR` (an ioeventfd that another process sleeps on),
-//! `idle=N` (halt N seconds after the timed accesses).
+//! `idle=N` (halt N seconds after the timed accesses), `cpus=2` (then
+//! time store, batched-store, sync-load and store-load on two vCPUs at once,
+//! see `two`; the VMM must give the guest a second vCPU, APIC ID 1).
 //!
 //! Output, one line per access type, cycles in hex:
 //! `bench: samples <type> <n> <cycles>...`; `bench: skip <type> <why>` for a
-//! type this device or VMM cannot do; `bench: error <what>` if the device
+//! type this device or VMM cannot do; the `bench: smp` lines of `two`;
+//! `bench: error <what>` if the device
 //! answered wrongly (exit status 1); `bench: idle begin N` and `bench: idle
 //! end` around the idle time; `bench: done` at the end (status 0).
 
@@ -23,9 +26,11 @@
 
 mod device;
 mod out;
+mod two;
 
 use kvm_userdev_guest::cpu::{self, rdtsc};
 use kvm_userdev_guest::mmio::Mmio;
+use kvm_userdev_guest::smp::SecondCpu;
 use kvm_userdev_guest::{apic, entry, pci, platform, println};
 
 use device::Device;
@@ -34,7 +39,7 @@ use out::Line;
 entry!(main);
 
 /// The most samples one access type takes.
-const MAX_SAMPLES: usize = 4096;
+pub(crate) const MAX_SAMPLES: usize = 4096;
 
 struct Options {
     samples: usize,
@@ -45,6 +50,8 @@ struct Options {
     /// Seconds to halt after the timed accesses: an idle guest, whose cost
     /// the host measures between the two lines it prints.
     idle_s: u64,
+    /// 2: also time accesses from two vCPUs at once.
+    cpus: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -60,6 +67,7 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
         doorbell: None,
         woken_doorbell: None,
         idle_s: 0,
+        cpus: 1,
     };
     for word in cmdline.split_whitespace() {
         match word.split_once('=') {
@@ -74,6 +82,12 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
             Some(("doorbell", a)) => options.doorbell = Some(Doorbell::Address(hex(a, word)?)),
             Some(("woken-doorbell", a)) => options.woken_doorbell = Some(hex(a, word)?),
             Some(("idle", n)) => options.idle_s = n.parse().map_err(|_| word)?,
+            Some(("cpus", n)) => {
+                options.cpus = n.parse().map_err(|_| word)?;
+                if !(1..=2).contains(&options.cpus) {
+                    return Err(word);
+                }
+            }
             _ => println!("# ignoring {word}"),
         }
     }
@@ -157,6 +171,17 @@ fn main(cmdline: &'static str) -> ! {
     match dev.irq_round_trip() {
         Some(mut round_trip) => bench.time_checked("irq", &mut round_trip),
         None => bench.skip("irq", "the device has no interrupt"),
+    }
+    if options.cpus == 2 {
+        if dev.lane(0).is_none() {
+            bench.skip("smp", "pci-testdev has no register for each CPU");
+        } else if let Some(second) = SecondCpu::start() {
+            bench.errors += two::run(&dev, &second, bench.warmup, bench.samples);
+            second.stop();
+        } else {
+            println!("bench: error smp: the second vCPU did not start");
+            bench.errors += 1;
+        }
     }
     if bench.errors > 0 {
         println!("bench: error {} wrong answers", bench.errors);
