@@ -94,8 +94,13 @@ fn vmm_with(payload: &str, args: &[&str], emulator: Option<PathBuf>) -> Run {
 /// The benchmark payload under the benchmark's kvm-userdev variant, with
 /// `extra` arguments for the VMM.
 fn mmio_bench(samples: u64, extra: &[&str]) -> Run {
+    mmio_bench_with(samples, "", extra)
+}
+
+/// `mmio-bench` with `words` added to its command line.
+fn mmio_bench_with(samples: u64, words: &str, extra: &[&str]) -> Run {
     let cmdline = format!(
-        "samples={samples} warmup=2 doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"
+        "samples={samples} warmup=2 doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x} {words}"
     );
     let doorbell = format!("{DOORBELL:#x}");
     let woken = format!("{WOKEN_DOORBELL:#x}");
@@ -216,6 +221,50 @@ fn bench_payload_paths() {
         assert!(s.posted_stores >= 4 * timed, "{extra:?}: {s:?}");
         assert!(s.batched_stores >= timed, "{extra:?}: {s:?}");
     }
+}
+
+/// Two vCPUs drive the device at once (the benchmark's two-vCPU part):
+/// every access answers right on both, each vCPU's accesses are timed, and
+/// nothing times out, is dropped or waits for ring space.
+#[test]
+fn bench_payload_two_vcpus() {
+    const SAMPLES: u64 = 20;
+    let run = mmio_bench_with(SAMPLES, "cpus=2", &["--cpus", "2"]);
+    assert!(
+        run.status == Some(0),
+        "mmio-bench cpus=2 ended with {:?}",
+        run.status
+    );
+    let parsed = kvm_userdev_bench::guest::parse(&run.stdout).expect("the payload's output");
+    for access in kvm_userdev_bench::two_vcpus::ACCESSES {
+        for cpus in [1, 2] {
+            let span = parsed
+                .smp
+                .iter()
+                .find(|s| s.access == access && s.cpus == cpus);
+            assert!(
+                span.is_some_and(|s| s.n == SAMPLES && s.cycles > 0),
+                "{access} on {cpus}: {span:?}"
+            );
+        }
+        for cpu in [0, 1] {
+            let samples = parsed
+                .smp_samples
+                .iter()
+                .find(|(a, c, _)| a == access && *c == cpu);
+            assert!(
+                samples.is_some_and(|(_, _, v)| v.len() as u64 == SAMPLES),
+                "{access} vCPU {cpu}: {samples:?}"
+            );
+        }
+    }
+    let s = &run.stats()[0];
+    assert_clean(s);
+    assert_eq!(s.queue_full_waits, 0, "{s:?}");
+    // Two vCPUs' store-loads, each forwarded behind its own store: at
+    // least one reply per timed one, on top of the one-vCPU part's.
+    assert!(s.forwarded_loads >= 2 * SAMPLES * 4, "{s:?}");
+    assert_nothing_missed(&run);
 }
 
 /// The user device's tracepoints fire on each path, between the vCPU's

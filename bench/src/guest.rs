@@ -10,6 +10,21 @@ pub struct GuestRun {
     /// Per access type, the samples in TSC cycles.
     pub samples: Vec<(String, Vec<u64>)>,
     pub skipped: Vec<(String, String)>,
+    /// `bench: smp`: the two-vCPU part's spans.
+    pub smp: Vec<SmpSpan>,
+    /// `bench: smp-samples`: per access type and vCPU, the two-vCPU run's
+    /// samples in TSC cycles.
+    pub smp_samples: Vec<(String, usize, Vec<u64>)>,
+}
+
+/// `n` accesses on each of `cpus` vCPUs took `cycles`, first start to last
+/// end.
+#[derive(Debug, PartialEq)]
+pub struct SmpSpan {
+    pub access: String,
+    pub cpus: u32,
+    pub n: u64,
+    pub cycles: u64,
 }
 
 /// Parses the payload's output; fails on a `bench: error` line or if it
@@ -27,6 +42,19 @@ pub fn parse(output: &str) -> Result<GuestRun> {
             "samples" => run.samples.push(
                 samples(rest).with_context(|| format!("bad samples line: {}", truncate(line)))?,
             ),
+            "smp" => run
+                .smp
+                .push(smp_span(rest).with_context(|| format!("bad smp line: {}", truncate(line)))?),
+            "smp-samples" => {
+                let (access, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+                let (cpu, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+                let cpu = cpu
+                    .parse()
+                    .with_context(|| format!("bad smp-samples line: {}", truncate(line)))?;
+                let (_, values) = samples(&format!("{access} {rest}"))
+                    .with_context(|| format!("bad smp-samples line: {}", truncate(line)))?;
+                run.smp_samples.push((access.to_string(), cpu, values));
+            }
             "skip" => {
                 let (access, why) = rest.split_once(' ').unwrap_or((rest, ""));
                 run.skipped.push((access.to_string(), why.to_string()));
@@ -56,6 +84,20 @@ fn samples(rest: &str) -> Result<(String, Vec<u64>)> {
     Ok((access, values))
 }
 
+/// `<access> <cpus> <n> <cycles>`, decimal.
+fn smp_span(rest: &str) -> Result<SmpSpan> {
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let [access, cpus, n, cycles] = words[..] else {
+        bail!("expected 4 words");
+    };
+    Ok(SmpSpan {
+        access: access.to_string(),
+        cpus: cpus.parse()?,
+        n: n.parse()?,
+        cycles: cycles.parse()?,
+    })
+}
+
 fn truncate(line: &str) -> String {
     line.chars().take(120).collect()
 }
@@ -72,6 +114,29 @@ mod tests {
         assert_eq!(run.device, "edu 1234:11e8 at 00:01.0");
         assert_eq!(run.samples, vec![("store".to_string(), vec![16, 255, 10])]);
         assert_eq!(run.skipped[0].0, "irq");
+        assert!(run.smp.is_empty());
+    }
+
+    #[test]
+    fn parses_the_two_vcpu_part() {
+        let out = "bench: smp store 1 2 300\nbench: smp store 2 2 500\n\
+                   bench: smp-samples store 1 2 10 ff\nbench: done\n";
+        let run = parse(out).unwrap();
+        assert_eq!(
+            run.smp[1],
+            SmpSpan {
+                access: "store".into(),
+                cpus: 2,
+                n: 2,
+                cycles: 500
+            }
+        );
+        assert_eq!(
+            run.smp_samples,
+            vec![("store".to_string(), 1, vec![16, 255])]
+        );
+        assert!(parse("bench: smp store 2 x 500\nbench: done\n").is_err());
+        assert!(parse("bench: smp-samples store 0 3 1 2\nbench: done\n").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! every [`variants`] entry; [`run`] interleaves the variants in rounds and
 //! pools the samples; [`report`] turns the [`results`] into a table, a
 //! markdown table and an SVG plot; [`trace`] shows where one access's time
-//! goes in the kernel; [`idle`] what an idle guest costs. [`linux_bench`] boots an unmodified Linux guest under
+//! goes in the kernel; [`idle`] what an idle guest costs; [`two_vcpus`] how two vCPUs at once fare. [`linux_bench`] boots an unmodified Linux guest under
 //! each host and measures its console and edu driver; [`linux_report`]
 //! renders those figures.
 
@@ -21,4 +21,5 @@ pub mod results;
 pub mod run;
 pub mod system;
 pub mod trace;
+pub mod two_vcpus;
 pub mod variants;

@@ -38,6 +38,11 @@ enum Cmd {
         /// with the guest idle (0: not).
         #[arg(long, default_value_t = 10)]
         idle_seconds: u32,
+        /// vCPUs of the edu variants' guests: 2 adds the two-vCPU part
+        /// (store, batched-store, sync-load, store-load on one vCPU alone and
+        /// on two at once).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+        cpus: u32,
         /// Only these variants (comma-separated; the first is the baseline).
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
@@ -62,6 +67,10 @@ enum Cmd {
         /// Timed accesses per access type (each is a few trace lines).
         #[arg(long, default_value_t = 20)]
         samples: u32,
+        /// 2: the guest's two-vCPU part too (edu variants), and a summary
+        /// of how the vCPU threads shared the CPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        cpus: u32,
         #[command(flatten)]
         programs: ProgramArgs,
     },
@@ -143,6 +152,7 @@ fn main() -> Result<()> {
             samples,
             warmup,
             idle_seconds,
+            cpus,
             variants,
             programs,
             host_cpu,
@@ -176,6 +186,7 @@ fn main() -> Result<()> {
                 samples,
                 warmup,
                 idle_seconds,
+                cpus,
             };
             let mut results = match linux.linux_only {
                 true => earlier(&out).unwrap_or_else(|| run::empty(system, config)),
@@ -209,6 +220,7 @@ fn main() -> Result<()> {
             out,
             variant,
             samples,
+            cpus,
             programs,
         } => {
             if !(1..=4096).contains(&samples) {
@@ -220,15 +232,22 @@ fn main() -> Result<()> {
             };
             let tracing = trace::Tracing::set_up()?;
             tracing.on(true)?;
-            let ran = chosen.run(&paths.programs(), &format!("samples={samples} warmup=5"));
+            let ran = chosen.run(
+                &paths.programs(),
+                &format!("samples={samples} warmup=5"),
+                cpus,
+            );
             let text = tracing.finish()?;
             ran?;
-            let summary = format!(
+            let mut summary = format!(
                 "{} — exits of the vCPU thread, µs after the exit (median); \
                  tracing adds its own cost to every step\n\n{}",
                 chosen.name,
                 trace::render(&trace::analyse(&text, variants::DOORBELL))
             );
+            if cpus == 2 {
+                summary += &trace::sharing(&text);
+            }
             trace::write(&out, &text, &summary)?;
             print!("{summary}");
             println!(

@@ -162,18 +162,19 @@ pub fn version(qemu: &Path) -> Result<String> {
     Ok(first.to_string())
 }
 
-/// Runs `payload` with `cmdline` under plain QEMU with KVM, `device` in the
-/// QEMU process, until QEMU exits or `timeout` passes (then QEMU is killed and
-/// this is an error).
+/// Runs `payload` with `cmdline` on `cpus` vCPUs under plain QEMU with KVM,
+/// `device` in the QEMU process, until QEMU exits or `timeout` passes (then
+/// QEMU is killed and this is an error).
 pub fn run_in_process(
     qemu: &Path,
     payload: &Path,
     cmdline: &str,
+    cpus: u32,
     device: Device,
     timeout: Duration,
 ) -> Result<Output> {
     let scratch = ScratchDir::new()?;
-    let mut args = guest_args(payload, cmdline, &scratch.debugcon());
+    let mut args = guest_args(payload, cmdline, cpus, &scratch.debugcon());
     args.extend(in_process_device_args(device));
     let mut guest = Qemu::spawn("QEMU", qemu, &args, scratch.file("qemu.log"), None)?;
     let deadline = Instant::now() + timeout;
@@ -220,7 +221,7 @@ pub fn run_multi_process(
         Some(remote_end.as_raw_fd()),
     )?;
     drop(remote_end);
-    let mut args = guest_args(payload, cmdline, &scratch.debugcon());
+    let mut args = guest_args(payload, cmdline, 1, &scratch.debugcon());
     args.extend(proxy_device_args(guest_end.as_raw_fd()));
     let mut guest = Qemu::spawn(
         "QEMU",
@@ -307,7 +308,7 @@ fn opt_escape(value: &OsStr) -> OsString {
 }
 
 /// The guest's QEMU without its device: everything the variants share.
-fn guest_args(payload: &Path, cmdline: &str, debugcon: &Path) -> Vec<OsString> {
+fn guest_args(payload: &Path, cmdline: &str, cpus: u32, debugcon: &Path) -> Vec<OsString> {
     let mut chardev = os("file,id=debugcon,path=");
     chardev.push(opt_escape(debugcon.as_os_str()));
     vec![
@@ -320,7 +321,7 @@ fn guest_args(payload: &Path, cmdline: &str, debugcon: &Path) -> Vec<OsString> {
         os("-cpu"),
         os("host"),
         os("-smp"),
-        os("1"),
+        os(cpus.to_string()),
         os("-m"),
         os(format!("{RAM_MIB}M")),
         os("-object"),
@@ -665,6 +666,7 @@ mod tests {
         let args = strings(&guest_args(
             Path::new("/p/edu-test"),
             "mode=full devices=1",
+            2,
             Path::new("/t/a,b/debugcon"),
         ));
         let joined = args.join(" ");
@@ -673,6 +675,7 @@ mod tests {
             "-machine q35,memory-backend=ram",
             "-accel kvm",
             "-cpu host",
+            "-smp 2",
             "-m 128M",
             "-object memory-backend-memfd,id=ram,size=128M,share=on",
             "-display none",
@@ -782,6 +785,7 @@ mod tests {
             &fake.path(),
             Path::new("/payload"),
             "",
+            1,
             Device::Edu,
             Duration::from_secs(30),
         )
@@ -796,6 +800,7 @@ mod tests {
             &fake.path(),
             Path::new("/payload"),
             "",
+            1,
             Device::Edu,
             Duration::from_secs(1),
         )

@@ -94,7 +94,7 @@ fn ratio(results: &Results, access: &str, median: f64) -> Option<f64> {
 
 /// Microseconds with one decimal; sub-microsecond values get two so they do
 /// not all collapse to `0.0`.
-fn fmt_us(value: f64) -> String {
+pub(crate) fn fmt_us(value: f64) -> String {
     if !value.is_finite() {
         "-".to_string()
     } else if value.abs() < 1.0 {
@@ -146,6 +146,7 @@ pub fn table(results: &Results) -> String {
     lines.extend(floor_section(results));
     lines.extend(counter_section(results));
     lines.extend(idle_section(results));
+    lines.extend(crate::two_vcpus::text_section(results));
     lines.extend(legend_section(results));
     lines.push(format!("note: {NOTE}"));
     lines.join("\n") + "\n"
@@ -232,7 +233,7 @@ fn access_rows(results: &Results, access: &str) -> Vec<Vec<String>> {
 
 /// The widest cell of each column, in characters (not bytes: `µ` and the
 /// like must not widen a column).
-fn column_widths<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> Vec<usize> {
+pub(crate) fn column_widths<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> Vec<usize> {
     let mut widths: Vec<usize> = Vec::new();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -246,7 +247,7 @@ fn column_widths<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> Vec<usize> 
     widths
 }
 
-fn render_row(row: &[String], widths: &[usize], right_aligned: &[bool]) -> String {
+pub(crate) fn render_row(row: &[String], widths: &[usize], right_aligned: &[bool]) -> String {
     let cells: Vec<String> = row
         .iter()
         .enumerate()
@@ -482,6 +483,7 @@ pub fn markdown(results: &Results) -> String {
     lines.push(md_context(results));
     lines.extend(md_floor(results));
     lines.extend(md_idle(results));
+    lines.extend(crate::two_vcpus::markdown(results));
     lines.join("\n") + "\n"
 }
 
@@ -550,7 +552,7 @@ fn md_floor(results: &Results) -> Vec<String> {
     lines
 }
 
-fn md_row(cells: &[String]) -> String {
+pub(crate) fn md_row(cells: &[String]) -> String {
     format!("| {} |", cells.join(" | "))
 }
 
@@ -586,7 +588,7 @@ fn md_context(results: &Results) -> String {
 
 /// Keeps free text from breaking the table: `|` ends a cell and a newline
 /// ends the row.
-fn md_escape(s: &str) -> String {
+pub(crate) fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
@@ -1002,6 +1004,7 @@ mod tests {
                 samples: 1000,
                 warmup: 100,
                 idle_seconds: 0,
+                cpus: 1,
             },
             variants: vec![
                 VariantResult {
@@ -1015,6 +1018,7 @@ mod tests {
                     ],
                     counters: None,
                     idle: None,
+                    two_vcpus: Vec::new(),
                 },
                 VariantResult {
                     name: "kvm-userdev".to_string(),
@@ -1027,6 +1031,13 @@ mod tests {
                     ],
                     counters: Some(counters),
                     idle: None,
+                    two_vcpus: vec![crate::two_vcpus::TwoVcpuResult {
+                        access: "store".to_string(),
+                        one_per_s: 2000.0,
+                        two_per_s: 3000.0,
+                        round_ratios: vec![1.5],
+                        median_us: [400.0, 410.0],
+                    }],
                 },
             ],
             linux: None,
@@ -1052,6 +1063,7 @@ mod tests {
             ],
             counters: None,
             idle: None,
+            two_vcpus: Vec::new(),
         };
         let r = floor_ratios(&v);
         assert_eq!(

@@ -115,6 +115,13 @@ pub struct RunConfig {
     /// How long each variant of our VMM was measured idle (0: not).
     #[serde(default)]
     pub idle_seconds: u32,
+    /// vCPUs the edu variants' guests had: 2 adds the two-vCPU part.
+    #[serde(default = "one")]
+    pub cpus: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -136,6 +143,9 @@ pub struct VariantResult {
     /// What the guest cost the host while idle (variants of our VMM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<crate::idle::IdleCost>,
+    /// The two-vCPU part, per access type (edu variants, `--cpus 2`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub two_vcpus: Vec<crate::two_vcpus::TwoVcpuResult>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use crate::guest;
 use crate::report::summarize;
 use crate::results::{Results, RunConfig, System, VariantResult, ACCESSES};
+use crate::two_vcpus;
 use crate::variants::{Programs, Variant};
 
 /// One variant's samples so far: per access type, per round, microseconds.
@@ -16,6 +17,7 @@ struct Collected {
     device: String,
     samples: BTreeMap<String, Vec<Vec<f64>>>,
     counters: BTreeMap<String, u64>,
+    two_vcpus: two_vcpus::Collected,
 }
 
 /// Runs every variant `config.rounds` times. Each round runs all of them,
@@ -37,11 +39,12 @@ pub fn run(
             let v = &variants[i];
             let t = Instant::now();
             let out = v
-                .run(programs, &cmdline)
+                .run(programs, &cmdline, config.cpus)
                 .with_context(|| format!("variant {} (round {})", v.name, round + 1))?;
             let parsed = guest::parse(&out.guest)
                 .with_context(|| format!("variant {} (round {})", v.name, round + 1))?;
             let c = &mut collected[i];
+            c.two_vcpus.add(&parsed, cycles_per_us);
             c.device = parsed.device;
             for (access, cycles) in parsed.samples {
                 let us = cycles.iter().map(|&c| c as f64 / cycles_per_us).collect();
@@ -94,6 +97,7 @@ pub fn run(
                 .collect(),
             counters: (!c.counters.is_empty()).then_some(c.counters),
             idle,
+            two_vcpus: c.two_vcpus.finish(),
         })
         .collect();
     Ok(Results {

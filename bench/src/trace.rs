@@ -27,6 +27,9 @@ const EVENTS: &[&str] = &[
     "sched/sched_switch",
 ];
 
+/// Enabled where the kernel has them: spinlock contention.
+const OPTIONAL_EVENTS: &[&str] = &["lock/contention_begin", "lock/contention_end"];
+
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// The kernel's trace buffer, set up for one run (needs root, as in the VM).
@@ -56,6 +59,11 @@ impl Tracing {
         for e in EVENTS {
             t.write(&format!("events/{e}/enable"), "1")?;
         }
+        for e in OPTIONAL_EVENTS {
+            if t.dir.join("events").join(e).exists() {
+                t.write(&format!("events/{e}/enable"), "1")?;
+            }
+        }
         Ok(t)
     }
 
@@ -68,6 +76,11 @@ impl Tracing {
         self.on(false)?;
         for e in EVENTS {
             self.write(&format!("events/{e}/enable"), "0")?;
+        }
+        for e in OPTIONAL_EVENTS {
+            if self.dir.join("events").join(e).exists() {
+                self.write(&format!("events/{e}/enable"), "0")?;
+            }
         }
         let path = self.dir.join("trace");
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
@@ -301,6 +314,116 @@ pub fn render(kinds: &[Kind]) -> String {
     s
 }
 
+/// One vCPU thread's share of the CPUs, for [`sharing`].
+#[derive(Default)]
+struct Share {
+    comm: String,
+    exits: usize,
+    first: f64,
+    last: f64,
+    /// Switched out while runnable: how often, for how long, for whom.
+    preempted: usize,
+    preempted_us: f64,
+    by: BTreeMap<String, usize>,
+    runnable_since: Option<f64>,
+    /// Switched out to sleep (a forwarded load's wait, a halt, ...).
+    slept: usize,
+    /// Spinlock contention (lock:contention_begin/end).
+    contended: usize,
+    contended_us: f64,
+    contended_since: Option<f64>,
+}
+
+/// How the vCPU threads (every thread with exits) shared the CPUs: how
+/// often and how long each waited, runnable, for a CPU and who had it, how
+/// often it slept, and how often and how long it spun on a contended
+/// spinlock (where the kernel has the lock tracepoints: the user device's
+/// queue lock is one).
+pub fn sharing(text: &str) -> String {
+    let events: Vec<Event> = text.lines().filter_map(parse_line).collect();
+    let mut threads: BTreeMap<u32, Share> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.name == "kvm_exit") {
+        let t = threads.entry(e.pid).or_insert_with(|| Share {
+            comm: e.comm.to_string(),
+            first: e.t,
+            ..Share::default()
+        });
+        t.exits += 1;
+        t.last = e.t;
+    }
+    for e in &events {
+        match e.name {
+            "sched_switch" => {
+                let prev = field(e.args, " prev_pid=", " ").and_then(|p| p.parse().ok());
+                let next = field(e.args, " next_pid=", " ").and_then(|p| p.parse().ok());
+                if let Some(t) = prev.and_then(|p: u32| threads.get_mut(&p)) {
+                    let state = field(e.args, "prev_state=", " ").unwrap_or("");
+                    if state.starts_with('R') {
+                        t.preempted += 1;
+                        t.runnable_since = Some(e.t);
+                        let next_comm = field(e.args, "next_comm=", " next_pid=").unwrap_or("?");
+                        *t.by.entry(next_comm.to_string()).or_default() += 1;
+                    } else {
+                        t.slept += 1;
+                    }
+                }
+                if let Some(t) = next.and_then(|p: u32| threads.get_mut(&p)) {
+                    if let Some(since) = t.runnable_since.take() {
+                        t.preempted_us += e.t - since;
+                    }
+                }
+            }
+            // Spinlocks only: rwlocks (KVM's mmu_lock) say SPIN|READ or
+            // SPIN|WRITE, mutexes MUTEX.
+            "contention_begin" if e.args.contains("(flags=SPIN)") => {
+                if let Some(t) = threads.get_mut(&e.pid) {
+                    t.contended += 1;
+                    t.contended_since = Some(e.t);
+                }
+            }
+            "contention_end" => {
+                if let Some(t) = threads.get_mut(&e.pid) {
+                    if let Some(since) = t.contended_since.take() {
+                        t.contended_us += e.t - since;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let lock_events = events.iter().any(|e| e.name.starts_with("contention_"));
+    let mut s = String::from(
+        "how the vCPU threads shared the CPUs, from first to last exit
+",
+    );
+    for t in threads.values() {
+        let mut by: Vec<(&String, &usize)> = t.by.iter().collect();
+        by.sort_by(|a, b| b.1.cmp(a.1));
+        let by: Vec<String> = by.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        s += &format!(
+            "  {}: {} exits in {:.1} ms; waited for a CPU {} times, {:.1} ms in all (it went to: {}); slept {} times",
+            t.comm,
+            t.exits,
+            (t.last - t.first) / 1000.0,
+            t.preempted,
+            t.preempted_us / 1000.0,
+            if by.is_empty() { "-".to_string() } else { by.join(", ") },
+            t.slept,
+        );
+        if lock_events {
+            s += &format!(
+                "; spun on a contended spinlock {} times, {:.1} µs in all",
+                t.contended, t.contended_us
+            );
+        }
+        s += "\n";
+    }
+    if !lock_events {
+        s += "  (no lock contention tracepoints in this kernel)\n";
+    }
+    s
+}
+
 /// Where a trace run writes: `trace.txt` (the raw trace) and
 /// `trace-summary.txt` beside it.
 pub fn write(out: &Path, text: &str, summary: &str) -> Result<()> {
@@ -335,6 +458,30 @@ mod tests {
              vmm-57      [001] d..1.     2.000400: kvm_exit: vcpu 0 reason io rip 0x1 info1 0x1 info2 0x0 intr_info 0x0 error_code 0x0
              vmm-57      [001] d..1.     2.000420: kvm_entry: vcpu 0, rip 0x2
 ";
+
+    #[test]
+    fn sharing_counts_preemption_sleep_and_contention() {
+        let trace = "\
+           vcpu0-60      [000] d..1.     1.000000: kvm_exit: vcpu 0 reason npf
+           vcpu0-60      [000] d..2.     1.000010: contention_begin: 00000000deadbeef (flags=SPIN)
+           vcpu0-60      [000] d..2.     1.000014: contention_end: 00000000deadbeef (ret=0)
+           vcpu0-60      [000] d..2.     1.000015: contention_begin: 00000000cafe (flags=SPIN|READ)
+           vcpu0-60      [000] d..2.     1.000017: contention_end: 00000000cafe (ret=0)
+           vcpu0-60      [000] d..2.     1.000020: sched_switch: prev_comm=vcpu0 prev_pid=60 prev_prio=120 prev_state=R+ ==> next_comm=kvm-userdev-emu next_pid=59 next_prio=120
+ kvm-userdev-emu-59      [000] d..2.     1.000120: sched_switch: prev_comm=kvm-userdev-emu prev_pid=59 prev_prio=120 prev_state=S ==> next_comm=vcpu0 next_pid=60 next_prio=120
+           vcpu0-60      [000] d..2.     1.000200: sched_switch: prev_comm=vcpu0 prev_pid=60 prev_prio=120 prev_state=D ==> next_comm=swapper/0 next_pid=0 next_prio=120
+           vcpu0-60      [000] d..1.     1.001000: kvm_exit: vcpu 0 reason npf
+";
+        let s = sharing(trace);
+        assert!(
+            s.contains(
+                "vcpu0: 2 exits in 1.0 ms; waited for a CPU 1 times, 0.1 ms in all \
+                 (it went to: kvm-userdev-emu 1); slept 1 times; \
+                 spun on a contended spinlock 1 times, 4.0 µs in all"
+            ),
+            "{s}"
+        );
+    }
 
     #[test]
     fn lines_parse_with_dashes_in_the_comm() {

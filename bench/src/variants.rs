@@ -133,31 +133,43 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl Variant {
     /// Runs the payload once under this variant with `cmdline` (samples,
-    /// warm-up); the doorbell is added where the variant has one.
-    pub fn run(&self, programs: &Programs, cmdline: &str) -> Result<RunOutput> {
+    /// warm-up); the doorbell is added where the variant has one. With
+    /// `cpus` 2, a variant whose device is edu gives the guest two vCPUs and
+    /// the payload times its two-vCPU part too.
+    pub fn run(&self, programs: &Programs, cmdline: &str, cpus: u32) -> Result<RunOutput> {
+        let cpus = if self.device == "edu" { cpus } else { 1 };
+        let cmdline = match cpus {
+            1 => cmdline.to_string(),
+            n => format!("{cmdline} cpus={n}"),
+        };
         match &self.how {
             How::Vmm(base, extra) => run_vmm(
                 programs,
-                &[*base, *extra].concat(),
+                &[*base, *extra, &["--cpus", &cpus.to_string()]].concat(),
                 &format!("{cmdline} doorbell={DOORBELL:#x} woken-doorbell={WOKEN_DOORBELL:#x}"),
             ),
             How::QemuInProcess(device) => {
                 let cmdline = match device {
                     qemu::Device::PciTestdev => format!("{cmdline} doorbell=testdev"),
-                    qemu::Device::Edu => cmdline.to_string(),
+                    qemu::Device::Edu => cmdline,
                 };
                 let out = qemu::run_in_process(
                     programs.qemu,
                     programs.payload,
                     &cmdline,
+                    cpus,
                     *device,
                     RUN_TIMEOUT,
                 )?;
                 qemu_output(out)
             }
             How::QemuMultiProcess => {
-                let out =
-                    qemu::run_multi_process(programs.qemu, programs.payload, cmdline, RUN_TIMEOUT)?;
+                let out = qemu::run_multi_process(
+                    programs.qemu,
+                    programs.payload,
+                    &cmdline,
+                    RUN_TIMEOUT,
+                )?;
                 qemu_output(out)
             }
         }

@@ -22,6 +22,8 @@ pub struct Options {
     pub linux: Linux,
     pub linux_rounds: u32,
     pub linux_cpus: u8,
+    /// vCPUs of the edu guests, if not the bench program's default.
+    pub cpus: Option<u32>,
 }
 
 /// Whether the run includes the Linux part.
@@ -62,6 +64,9 @@ pub fn run(opts: &Options) -> Result<i32> {
         "--samples".into(),
         opts.samples.to_string(),
     ];
+    if let (true, Some(cpus)) = (opts.trace, opts.cpus) {
+        cmd.extend(["--cpus".into(), cpus.to_string()]);
+    }
     if opts.trace {
         if let Some(first) = opts.variants.as_deref().and_then(|v| v.split(',').next()) {
             cmd.extend(["--variant".into(), first.into()]);
@@ -71,6 +76,9 @@ pub fn run(opts: &Options) -> Result<i32> {
             opts.samples
         );
         return in_vm(vm::VmOptions::new(flavour), &out, &cmd, PER_RUN);
+    }
+    if let Some(cpus) = opts.cpus {
+        cmd.extend(["--cpus".into(), cpus.to_string()]);
     }
     cmd.extend([
         "--rounds".into(),

@@ -165,6 +165,12 @@ enum Cmd {
         /// has one, see the README).
         #[arg(long, default_value_t = 1)]
         linux_cpus: u8,
+        /// vCPUs of the edu guests: 2 adds the two-vCPU part (one vCPU
+        /// alone against two at once; the default, except with --trace), 1
+        /// leaves it out. With --trace, 2 adds how the vCPU threads shared
+        /// the CPUs.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2))]
+        cpus: Option<u32>,
     },
     /// The randomized stress test of the user device for longer than
     /// `cargo xtask test` runs it, after a control arm without the device,
@@ -260,6 +266,7 @@ fn run() -> Result<i32> {
             linux_only,
             linux_rounds,
             linux_cpus,
+            cpus,
         } => bench::run(&bench::Options {
             rounds,
             samples,
@@ -271,6 +278,7 @@ fn run() -> Result<i32> {
             },
             linux_rounds,
             linux_cpus,
+            cpus,
             out: out.unwrap_or_else(|| {
                 util::repo_root().join(if trace {
                     "target/bench-trace"
