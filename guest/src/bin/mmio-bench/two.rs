@@ -1,14 +1,18 @@
 //! Two vCPUs driving the device at once (`cpus=2`, edu only): for each
 //! access type, the boot CPU alone, then both CPUs, each with its own
-//! register where the type stores (see `Device::lane`).
+//! register where the type stores (see `Device::lane`). The two take turns
+//! in four chunks, so that a machine that changes speed for a while slows
+//! both alike.
 //!
 //! Output per type: `bench: smp <type> <cpus> <n> <cycles>`, n accesses on
-//! each of `cpus` CPUs in `cycles` from the first CPU's start to the last
-//! one's end (KVM keeps the vCPUs' TSCs in step), and for the run on two,
+//! each of `cpus` CPUs in `cycles`, summed over the chunks, each from the
+//! first CPU's start to the last one's end (KVM keeps the vCPUs' TSCs in
+//! step), and for the runs on two,
 //! `bench: smp-samples <type> <cpu> <n> <cycles>...`, each CPU's accesses
 //! timed one by one.
 
 use core::hint::spin_loop;
+use core::ops::Range;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 
 use kvm_userdev_guest::cpu::rdtsc;
@@ -54,16 +58,20 @@ static SPANS: [[AtomicU64; 2]; 2] = [const { [const { AtomicU64::new(0) }; 2] };
 static READY: AtomicUsize = AtomicUsize::new(0);
 static WRONG: AtomicUsize = AtomicUsize::new(0);
 
+/// How many turns one vCPU alone and two take, per access type.
+const CHUNKS: usize = 4;
+
 struct Run<'a> {
     dev: &'a Device,
     access: Access,
     warmup: usize,
-    samples: usize,
+    /// The samples this chunk fills.
+    samples: Range<usize>,
     cpus: usize,
 }
 
 impl Run<'_> {
-    /// CPU `cpu`'s part: warm up, wait for the other CPU, time `samples`
+    /// CPU `cpu`'s part: warm up, wait for the other CPU, time this chunk's
     /// accesses.
     fn drive(&self, cpu: usize) {
         let Some(mut lane) = self.dev.lane(cpu) else {
@@ -84,7 +92,7 @@ impl Run<'_> {
             spin_loop();
         }
         let start = rdtsc();
-        for sample in &SAMPLES[cpu][..self.samples] {
+        for sample in &SAMPLES[cpu][self.samples.clone()] {
             let t = rdtsc();
             let r = self.access.on(&mut lane);
             sample.store(rdtsc() - t, SeqCst);
@@ -105,21 +113,27 @@ impl Run<'_> {
 /// Runs the two-vCPU part; returns the number of wrong answers.
 pub fn run(dev: &Device, second: &SecondCpu, warmup: usize, samples: usize) -> usize {
     for (name, access) in ACCESSES {
-        for cpus in [1, 2] {
-            let run = Run {
-                dev,
-                access,
-                warmup,
-                samples,
-                cpus,
-            };
-            READY.store(0, SeqCst);
-            if cpus == 1 {
-                run.drive(0);
-            } else {
-                second.run_both(&|cpu| run.drive(cpu));
+        let mut cycles = [0; 2];
+        for chunk in 0..CHUNKS {
+            for cpus in [1, 2] {
+                let run = Run {
+                    dev,
+                    access,
+                    warmup: if chunk == 0 { warmup } else { 0 },
+                    samples: chunk * samples / CHUNKS..(chunk + 1) * samples / CHUNKS,
+                    cpus,
+                };
+                READY.store(0, SeqCst);
+                if cpus == 1 {
+                    run.drive(0);
+                } else {
+                    second.run_both(&|cpu| run.drive(cpu));
+                }
+                cycles[cpus - 1] += run.span();
             }
-            println!("bench: smp {name} {cpus} {samples} {}", run.span());
+        }
+        for (cpus, cycles) in cycles.iter().enumerate() {
+            println!("bench: smp {name} {} {samples} {cycles}", cpus + 1);
         }
         for (cpu, samples_of_cpu) in SAMPLES.iter().enumerate() {
             let mut line = Line::new();
