@@ -233,7 +233,7 @@ fn access_rows(results: &Results, access: &str) -> Vec<Vec<String>> {
 
 /// The widest cell of each column, in characters (not bytes: `µ` and the
 /// like must not widen a column).
-pub(crate) fn column_widths<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> Vec<usize> {
+fn column_widths<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> Vec<usize> {
     let mut widths: Vec<usize> = Vec::new();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -247,7 +247,7 @@ pub(crate) fn column_widths<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> 
     widths
 }
 
-pub(crate) fn render_row(row: &[String], widths: &[usize], right_aligned: &[bool]) -> String {
+fn render_row(row: &[String], widths: &[usize], right_aligned: &[bool]) -> String {
     let cells: Vec<String> = row
         .iter()
         .enumerate()
@@ -413,16 +413,32 @@ fn idle_section(results: &Results) -> Vec<String> {
         "VMM".to_string(),
         "emulator".to_string(),
     ];
+    titled_table(
+        format!(
+            "idle guest — percent of one CPU while it halts for {} s (the VMM with its vCPU threads, and the emulator)",
+            results.config.idle_seconds
+        ),
+        &header,
+        &rows,
+        &[false, true, true, true],
+    )
+}
+
+/// A title, then `header` and `rows` in aligned columns (`right`: which
+/// are right-aligned), indented, then an empty line.
+pub(crate) fn titled_table(
+    title: String,
+    header: &[String],
+    rows: &[Vec<String>],
+    right: &[bool],
+) -> Vec<String> {
+    let header = header.to_vec();
     let widths = column_widths(std::iter::once(&header).chain(rows.iter()));
-    let right = [false, true, true, true];
-    let mut lines = vec![format!(
-        "idle guest — percent of one CPU while it halts for {} s (the VMM with its vCPU threads, and the emulator)",
-        results.config.idle_seconds
-    )];
+    let mut lines = vec![title];
     lines.extend(
         std::iter::once(&header)
             .chain(rows.iter())
-            .map(|row| format!("  {}", render_row(row, &widths, &right))),
+            .map(|row| format!("  {}", render_row(row, &widths, right))),
     );
     lines.push(String::new());
     lines

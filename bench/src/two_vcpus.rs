@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::GuestRun;
-use crate::report::{column_widths, fmt_us, md_escape, md_row, percentile, render_row};
+use crate::report::{fmt_us, md_escape, md_row, percentile, titled_table};
 use crate::results::Results;
 
 /// The access types of the part, in report order (the payload's `two`).
@@ -142,20 +142,14 @@ pub fn text_section(results: &Results) -> Vec<String> {
     if rows.is_empty() {
         return Vec::new();
     }
-    let widths = column_widths(std::iter::once(&header).chain(rows.iter()));
-    let right = [false, false, true, true, true, true, true, true];
-    let mut lines = vec![
+    titled_table(
         "two vCPUs — accesses per second of one vCPU alone and of two at once (together), \
          each vCPU's median latency while both run; queue-full waits over the whole run"
             .to_string(),
-    ];
-    lines.extend(
-        std::iter::once(&header)
-            .chain(rows.iter())
-            .map(|row| format!("  {}", render_row(row, &widths, &right))),
-    );
-    lines.push(String::new());
-    lines
+        &header,
+        &rows,
+        &[false, false, true, true, true, true, true, true],
+    )
 }
 
 /// The README's table: variants as rows, each access type's `2÷1` ratio

@@ -49,9 +49,9 @@ pub fn all() -> Vec<Variant> {
         },
         Variant {
             name: "kvm-userdev-poll",
-            description: "as kvm-userdev, with polling limits scaled to this test bed, where a wakeup or an exit costs ten times or more what it costs on hardware: the emulator polls up to 2 ms, a vCPU up to 1 ms",
+            description: "as kvm-userdev, with limits scaled to this test bed, where a wakeup or an exit costs ten times or more what it costs on hardware and accesses come a hundred times further apart: the emulator polls up to 2 ms, a vCPU up to 1 ms, a batched store waits up to 10 ms",
             device: "edu",
-            how: How::Vmm(USER, &["--poll-ns", "1000000", "--emulator-arg=--poll-us", "--emulator-arg=2000"]),
+            how: How::Vmm(USER, &["--poll-ns", "1000000", "--emulator-arg=--poll-us", "--emulator-arg=2000", "--batch-us", "10000"]),
         },
         Variant {
             name: "kvm-userdev-sleep",
