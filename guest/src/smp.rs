@@ -16,9 +16,10 @@ use crate::{apic, cpu, interrupts};
 /// The IPI that wakes the second CPU for a job; its handler does nothing.
 const WAKE_VECTOR: u8 = 0xfd;
 
-/// Where the real-mode trampoline goes: a page below 1 MiB that neither
-/// loader keeps anything in once the program runs (our VMM's start info and
-/// command line sit below it, QEMU's below 0x7c00 or above 0x10000).
+/// Where the real-mode trampoline goes: a page below 1 MiB, outside the
+/// image, whose old contents nothing needs once the program runs (our
+/// VMM's start info and command line sit just below it; the benchmark runs
+/// the same payload under QEMU's PVH loader).
 const TRAMPOLINE: usize = 0x8000;
 const SECOND_APIC_ID: u8 = 1;
 const START_TIMEOUT_MS: u64 = 1000;
