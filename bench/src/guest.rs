@@ -45,16 +45,10 @@ pub fn parse(output: &str) -> Result<GuestRun> {
             "smp" => run
                 .smp
                 .push(smp_span(rest).with_context(|| format!("bad smp line: {}", truncate(line)))?),
-            "smp-samples" => {
-                let (access, rest) = rest.split_once(' ').unwrap_or((rest, ""));
-                let (cpu, rest) = rest.split_once(' ').unwrap_or((rest, ""));
-                let cpu = cpu
-                    .parse()
-                    .with_context(|| format!("bad smp-samples line: {}", truncate(line)))?;
-                let (_, values) = samples(&format!("{access} {rest}"))
-                    .with_context(|| format!("bad smp-samples line: {}", truncate(line)))?;
-                run.smp_samples.push((access.to_string(), cpu, values));
-            }
+            "smp-samples" => run.smp_samples.push(
+                smp_samples(rest)
+                    .with_context(|| format!("bad smp-samples line: {}", truncate(line)))?,
+            ),
             "skip" => {
                 let (access, why) = rest.split_once(' ').unwrap_or((rest, ""));
                 run.skipped.push((access.to_string(), why.to_string()));
@@ -74,6 +68,19 @@ pub fn parse(output: &str) -> Result<GuestRun> {
 fn samples(rest: &str) -> Result<(String, Vec<u64>)> {
     let mut words = rest.split_whitespace();
     let access = words.next().context("no access type")?.to_string();
+    Ok((access, counted_hex(words)?))
+}
+
+/// `<access> <cpu> <n> <hex>...`
+fn smp_samples(rest: &str) -> Result<(String, usize, Vec<u64>)> {
+    let mut words = rest.split_whitespace();
+    let access = words.next().context("no access type")?.to_string();
+    let cpu = words.next().context("no vCPU")?.parse()?;
+    Ok((access, cpu, counted_hex(words)?))
+}
+
+/// `<n> <hex>...`: n values.
+fn counted_hex<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<Vec<u64>> {
     let n: usize = words.next().context("no count")?.parse()?;
     let values = words
         .map(|w| u64::from_str_radix(w, 16))
@@ -81,7 +88,7 @@ fn samples(rest: &str) -> Result<(String, Vec<u64>)> {
     if values.len() != n {
         bail!("{n} samples announced, {} given", values.len());
     }
-    Ok((access, values))
+    Ok(values)
 }
 
 /// `<access> <cpus> <n> <cycles>`, decimal.

@@ -66,7 +66,7 @@ pub fn summarize(access: &str, rounds: &[Vec<f64>]) -> AccessResult {
 
 /// Collects and sorts samples; `total_cmp` gives NaN a defined place (the
 /// end) instead of making the sort's result unspecified.
-fn sorted(samples: impl Iterator<Item = f64>) -> Vec<f64> {
+pub(crate) fn sorted(samples: impl Iterator<Item = f64>) -> Vec<f64> {
     let mut samples: Vec<f64> = samples.collect();
     samples.sort_by(f64::total_cmp);
     samples

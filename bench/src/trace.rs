@@ -56,15 +56,20 @@ impl Tracing {
         t.write("trace_clock", "mono")?;
         t.write("buffer_size_kb", "32768")?;
         t.write("trace", "")?;
-        for e in EVENTS {
-            t.write(&format!("events/{e}/enable"), "1")?;
-        }
-        for e in OPTIONAL_EVENTS {
-            if t.dir.join("events").join(e).exists() {
-                t.write(&format!("events/{e}/enable"), "1")?;
-            }
-        }
+        t.enable_events("1")?;
         Ok(t)
+    }
+
+    /// Writes `value` to the enable file of each of [`EVENTS`] and of the
+    /// [`OPTIONAL_EVENTS`] this kernel has.
+    fn enable_events(&self, value: &str) -> Result<()> {
+        let optional = OPTIONAL_EVENTS
+            .iter()
+            .filter(|e| self.dir.join("events").join(e).exists());
+        for e in EVENTS.iter().chain(optional) {
+            self.write(&format!("events/{e}/enable"), value)?;
+        }
+        Ok(())
     }
 
     pub fn on(&self, on: bool) -> Result<()> {
@@ -74,14 +79,7 @@ impl Tracing {
     /// The trace so far, as text; turns tracing and the events off.
     pub fn finish(self) -> Result<String> {
         self.on(false)?;
-        for e in EVENTS {
-            self.write(&format!("events/{e}/enable"), "0")?;
-        }
-        for e in OPTIONAL_EVENTS {
-            if self.dir.join("events").join(e).exists() {
-                self.write(&format!("events/{e}/enable"), "0")?;
-            }
-        }
+        self.enable_events("0")?;
         let path = self.dir.join("trace");
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
     }
@@ -392,10 +390,7 @@ pub fn sharing(text: &str) -> String {
         }
     }
     let lock_events = events.iter().any(|e| e.name.starts_with("contention_"));
-    let mut s = String::from(
-        "how the vCPU threads shared the CPUs, from first to last exit
-",
-    );
+    let mut s = String::from("how the vCPU threads shared the CPUs, from first to last exit\n");
     for t in threads.values() {
         let mut by: Vec<(&String, &usize)> = t.by.iter().collect();
         by.sort_by(|a, b| b.1.cmp(a.1));

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::GuestRun;
-use crate::report::{fmt_us, md_escape, md_row, percentile, titled_table};
+use crate::report::{fmt_us, md_escape, md_row, percentile, sorted, titled_table};
 use crate::results::Results;
 
 /// The access types of the part, in report order (the payload's `two`).
@@ -95,9 +95,7 @@ impl Collected {
 }
 
 fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    percentile(&sorted, 50.0)
+    percentile(&sorted(values.iter().copied()), 50.0)
 }
 
 /// The queue-full waits a variant's counters show (the whole run's).

@@ -64,7 +64,7 @@ pub fn run(opts: &Options) -> Result<i32> {
         "--samples".into(),
         opts.samples.to_string(),
     ];
-    if let (true, Some(cpus)) = (opts.trace, opts.cpus) {
+    if let Some(cpus) = opts.cpus {
         cmd.extend(["--cpus".into(), cpus.to_string()]);
     }
     if opts.trace {
@@ -76,9 +76,6 @@ pub fn run(opts: &Options) -> Result<i32> {
             opts.samples
         );
         return in_vm(vm::VmOptions::new(flavour), &out, &cmd, PER_RUN);
-    }
-    if let Some(cpus) = opts.cpus {
-        cmd.extend(["--cpus".into(), cpus.to_string()]);
     }
     cmd.extend([
         "--rounds".into(),
