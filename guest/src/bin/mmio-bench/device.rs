@@ -58,11 +58,8 @@ pub struct Device {
 }
 
 enum Kind {
-    Edu {
-        /// What the factorial register holds; nothing changes it.
-        factorial: u32,
-        liveness: u32,
-    },
+    /// The boot CPU's lane: liveness and the factorial register.
+    Edu(Lane),
     Testdev {
         store: TestdevStore,
         eventfd: Option<TestdevStore>,
@@ -130,10 +127,7 @@ impl Device {
         // accesses below start no DMA.
         let regs = unsafe { Mmio::new(BAR_ADDRESS as usize, probe.size as usize) };
         let kind = if id == edu::ID {
-            Kind::Edu {
-                factorial: regs.read32(edu::FACTORIAL),
-                liveness: 0,
-            }
+            Kind::Edu(Lane::new(regs, 0, regs.read32(edu::FACTORIAL)))
         } else {
             testdev_tests(regs)?
         };
@@ -150,7 +144,7 @@ impl Device {
             fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 let d = self.0;
                 let name = match d.kind {
-                    Kind::Edu { .. } => "edu",
+                    Kind::Edu(_) => "edu",
                     Kind::Testdev { .. } => "pci-testdev",
                 };
                 write!(
@@ -169,10 +163,7 @@ impl Device {
     /// A store that the device takes without a reply.
     pub fn store(&mut self) {
         match &mut self.kind {
-            Kind::Edu { liveness, .. } => {
-                *liveness = liveness.wrapping_add(1);
-                self.regs.write32(edu::LIVENESS, *liveness);
-            }
+            Kind::Edu(lane) => lane.store(),
             Kind::Testdev { store, .. } => store.store(),
         }
     }
@@ -180,7 +171,7 @@ impl Device {
     /// A load of a register without side effects.
     pub fn load(&self) -> Result<(), Wrong> {
         match &self.kind {
-            Kind::Edu { .. } => expect(
+            Kind::Edu(_) => expect(
                 edu::IDENTIFICATION_REG,
                 edu::IDENTIFICATION,
                 self.regs.read32(edu::IDENTIFICATION_REG),
@@ -197,9 +188,7 @@ impl Device {
     /// emulator is told to forward; under QEMU every load does.
     pub fn sync_load(&self) -> Result<(), Wrong> {
         match &self.kind {
-            Kind::Edu { factorial, .. } => {
-                expect(edu::FACTORIAL, *factorial, self.regs.read32(edu::FACTORIAL))
-            }
+            Kind::Edu(lane) => lane.sync_load(),
             Kind::Testdev { store, .. } => {
                 expect(testdev::DATA, store.data, self.regs.read32(testdev::DATA))
             }
@@ -211,7 +200,7 @@ impl Device {
     /// emulator may batch it); pci-testdev has nothing to spare.
     pub fn batched_store(&self) -> Option<impl FnMut() + '_> {
         match &self.kind {
-            Kind::Edu { .. } => Some(move || self.regs.write32(edu::UNUSED, 0)),
+            Kind::Edu(lane) => Some(move || lane.batched_store()),
             Kind::Testdev { .. } => None,
         }
     }
@@ -227,12 +216,10 @@ impl Device {
 
     /// A store, then a load of the same register, which must see it.
     pub fn store_load(&mut self) -> Result<(), Wrong> {
-        self.store();
-        match &self.kind {
-            Kind::Edu { liveness, .. } => {
-                expect(edu::LIVENESS, !*liveness, self.regs.read32(edu::LIVENESS))
-            }
+        match &mut self.kind {
+            Kind::Edu(lane) => lane.store_load(),
             Kind::Testdev { store, .. } => {
+                store.store();
                 // What pci-testdev returns there is not defined: not checked.
                 self.regs.read32(store.offset & !3);
                 Ok(())
@@ -245,7 +232,7 @@ impl Device {
     pub fn eventfd_store(&self) -> Option<TestdevStore> {
         match self.kind {
             Kind::Testdev { eventfd, .. } => eventfd,
-            Kind::Edu { .. } => None,
+            Kind::Edu(_) => None,
         }
     }
 
@@ -253,7 +240,7 @@ impl Device {
     /// MSI, the handler reads the status and acknowledges, the guest sees
     /// the handler ran.
     pub fn irq_round_trip(&self) -> Option<impl FnMut() -> Result<(), Wrong>> {
-        let Kind::Edu { .. } = self.kind else {
+        let Kind::Edu(_) = self.kind else {
             return None;
         };
         let msi = self.pci.msi()?;
@@ -277,25 +264,15 @@ impl Device {
     /// CPU `cpu`'s share of the device when two CPUs drive it at once (edu
     /// only): each stores to, and loads back, a register of its own.
     pub fn lane(&self, cpu: usize) -> Option<Lane> {
-        let Kind::Edu { factorial, .. } = self.kind else {
+        let Kind::Edu(lane) = &self.kind else {
             return None;
         };
-        // Liveness reads back inverted, the DMA source as written.
-        let (register, invert) = match cpu {
-            0 => (edu::LIVENESS, true),
-            _ => (edu::DMA_SOURCE, false),
-        };
-        Some(Lane {
-            regs: self.regs,
-            register,
-            invert,
-            factorial,
-            value: 0,
-        })
+        Some(Lane::new(self.regs, cpu, lane.factorial))
     }
 }
 
-/// See [`Device::lane`].
+/// One CPU's edu registers (see [`Device::lane`]); the boot CPU's lane
+/// also serves the one-CPU accesses.
 pub struct Lane {
     regs: Mmio,
     register: usize,
@@ -305,6 +282,22 @@ pub struct Lane {
 }
 
 impl Lane {
+    /// `factorial`: what the factorial register holds; nothing changes it.
+    fn new(regs: Mmio, cpu: usize, factorial: u32) -> Lane {
+        // Liveness reads back inverted, the DMA source as written.
+        let (register, invert) = match cpu {
+            0 => (edu::LIVENESS, true),
+            _ => (edu::DMA_SOURCE, false),
+        };
+        Lane {
+            regs,
+            register,
+            invert,
+            factorial,
+            value: 0,
+        }
+    }
+
     pub fn store(&mut self) {
         self.value = self.value.wrapping_add(1);
         self.regs.write32(self.register, self.value);
