@@ -361,6 +361,51 @@ fn restarted_emulator_answers_again() {
     assert_eq!(run.count(" started"), 2, "a second emulator took over");
 }
 
+/// The guest runs edu's features in rounds while the VMM kills its
+/// emulator at a random moment of each (seeded) and starts another: the
+/// queue waits in the kernel for the successor, which continues from the
+/// state its predecessor committed, so the guest sees nothing.
+#[test]
+fn emulator_killed_in_every_round_goes_unnoticed() {
+    const ROUNDS: usize = 25;
+    let cmdline = format!("mode=survive rounds={ROUNDS}");
+    let run = vmm(
+        &[
+            "--edu",
+            "1",
+            "--restart",
+            "--kill-seed",
+            "15",
+            "--kill-delay-us",
+            "40000",
+            "--cmdline",
+            &cmdline,
+        ],
+        None,
+    );
+    run.assert_guest_passed();
+    assert_eq!(run.count("was killed by signal 9 (SIGKILL)"), ROUNDS);
+    let s = &run.stats()[0];
+    assert_clean(s);
+    let resumed = run.count("resumed the state committed at applied_seq");
+    let redelivered: u64 = run
+        .stderr
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("redelivered="))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    println!(
+        "kills={ROUNDS} resumed={resumed} kept_records={} redelivered_at_exit={redelivered}",
+        s.kept_records
+    );
+    // A kill that lands before the first commit leaves nothing to resume.
+    assert!(
+        resumed > 0 && resumed <= ROUNDS,
+        "{resumed} successors resumed"
+    );
+    assert_eq!(run.count("state region refused"), 0);
+}
+
 /// The test-only emulator tries `what` once sandboxed; seccomp must kill it.
 fn sandbox_refuses(what: &str) {
     let probe = repo().join("target/probe/debug/kvm-userdev-emulator");

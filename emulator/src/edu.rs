@@ -8,7 +8,9 @@
 //! never finds the device busy. Every load is free of side effects, so all
 //! registers are published in the shadow image.
 
-use crate::model::{DeviceModel, Env, PciIdentity, Placement, ShadowRegister};
+use crate::model::{
+    DeviceModel, Env, PciIdentity, Placement, ShadowRegister, StateError, StateReader, StateWriter,
+};
 use edu_regs as regs;
 use userdev::Sizes;
 
@@ -31,6 +33,10 @@ use regs::{
     DMA_IRQ, DMA_START, DMA_TO_RAM, IDENTIFICATION, IRQ_DMA, IRQ_FACTORIAL, STATUS_COMPUTING,
     STATUS_IRQ_ON_FACTORIAL,
 };
+
+/// The tag and version of a saved state ([`DeviceModel::save`]).
+const STATE_TAG: &str = "edu";
+const STATE_VERSION: u8 = 1;
 
 pub const IDENTITY: PciIdentity = PciIdentity {
     vendor: regs::VENDOR_ID,
@@ -266,6 +272,54 @@ impl DeviceModel for Edu {
             self.publish(env, r.offset);
         }
     }
+
+    fn save(&self, out: &mut Vec<u8>) {
+        StateWriter::new(out, STATE_TAG, STATE_VERSION)
+            .u32(self.liveness)
+            .u32(self.factorial)
+            .u32(self.status)
+            .u32(self.irq_status)
+            .u64(self.dma_src)
+            .u64(self.dma_dst)
+            .u64(self.dma_count)
+            .u64(self.dma_cmd)
+            .u64(self.dma_errors)
+            .bytes(&self.buffer[..]);
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let mut r = StateReader::new(bytes, STATE_TAG, STATE_VERSION)?;
+        let liveness = r.u32()?;
+        let factorial = r.u32()?;
+        let status = r.u32()?;
+        let irq_status = r.u32()?;
+        let (dma_src, dma_dst, dma_count, dma_cmd) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        let dma_errors = r.u64()?;
+        let buffer = r.bytes(DMA_BUFFER_SIZE)?;
+        r.finish()?;
+        // The model computes and copies at once: between two accesses it
+        // is never busy, and STATUS keeps only the interrupt enable.
+        if status & !STATUS_IRQ_ON_FACTORIAL != 0 {
+            return Err(StateError::Invalid("edu status"));
+        }
+        if dma_cmd & DMA_START != 0 {
+            return Err(StateError::Invalid("edu DMA command (running)"));
+        }
+        // Checked in full: only now does the model change.
+        (self.liveness, self.factorial, self.status, self.irq_status) =
+            (liveness, factorial, status, irq_status);
+        (self.dma_src, self.dma_dst, self.dma_count, self.dma_cmd) =
+            (dma_src, dma_dst, dma_count, dma_cmd);
+        self.dma_errors = dma_errors;
+        self.buffer.copy_from_slice(buffer);
+        Ok(())
+    }
+
+    /// The output follows the status: raised whenever a bit is set,
+    /// lowered when the last one is acknowledged.
+    fn irq_asserted(&self) -> bool {
+        self.irq_status != 0
+    }
 }
 
 #[cfg(test)]
@@ -424,5 +478,132 @@ mod tests {
         }
         assert_eq!(env.shadow[&ID], 0x0100_00ed);
         assert_eq!(env.shadow[&LIVENESS], 0xffff_ffff);
+    }
+
+    /// An edu in use: liveness, factorial with its interrupt, DMA in both
+    /// directions, a raised status bit.
+    fn busy() -> (Edu, FakeEnv) {
+        let (mut edu, mut env) = setup();
+        for (i, b) in env.ram[0x1000..0x2000].iter_mut().enumerate() {
+            *b = (i * 13) as u8;
+        }
+        edu.store(&mut env, LIVENESS, 4, 0xdead_beef);
+        edu.store(&mut env, STATUS, 4, 0x80);
+        edu.store(&mut env, FACTORIAL, 4, 7);
+        edu.store(&mut env, DMA_SRC, 8, 0x1000);
+        edu.store(&mut env, DMA_DST, 8, DMA_BUFFER + 0x100);
+        edu.store(&mut env, DMA_COUNT, 8, 0x800);
+        edu.store(&mut env, DMA_CMD, 8, DMA_START);
+        edu.store(&mut env, IRQ_RAISE, 4, 0x40);
+        edu.store(&mut env, DMA_SRC, 8, DMA_BUFFER + 0x100);
+        edu.store(&mut env, DMA_DST, 8, 0x3000);
+        edu.store(&mut env, DMA_CMD, 8, DMA_START | DMA_TO_RAM);
+        edu.store(&mut env, DMA_DST, 8, DMA_BUFFER);
+        edu.store(&mut env, DMA_SRC, 8, 0xffff_0000);
+        edu.store(&mut env, DMA_CMD, 8, DMA_START);
+        assert_eq!(edu.dma_errors, 1);
+        (edu, env)
+    }
+
+    fn saved(edu: &Edu) -> Vec<u8> {
+        let mut out = Vec::new();
+        edu.save(&mut out);
+        out
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let (edu, env) = busy();
+        let state = saved(&edu);
+        let mut copy = Edu::new();
+        copy.restore(&state).unwrap();
+        assert_eq!(saved(&copy), state);
+        assert!(copy.irq_asserted() && edu.irq_asserted());
+        assert!(!Edu::new().irq_asserted());
+        // The same accesses from here on, the same answers and effects.
+        let mut pair = [(edu, env), (copy, FakeEnv::default())];
+        pair[1].1.ram = pair[0].1.ram.clone();
+        pair[1].1.level = pair[1].0.irq_asserted();
+        for (edu, env) in &mut pair {
+            env.shadow.clear();
+            edu.publish_all(env);
+            edu.store(env, DMA_SRC, 8, DMA_BUFFER);
+            edu.store(env, DMA_DST, 8, 0x4000);
+            edu.store(env, DMA_COUNT, 8, 4096);
+            edu.store(env, DMA_CMD, 8, DMA_START | DMA_TO_RAM);
+            edu.store(env, IRQ_ACK, 4, 0x141);
+        }
+        let [(a, ea), (b, eb)] = &mut pair;
+        for offset in [
+            ID, LIVENESS, FACTORIAL, STATUS, IRQ_STATUS, DMA_SRC, DMA_CMD,
+        ] {
+            assert_eq!(a.load(ea, offset, 4), b.load(eb, offset, 4), "{offset:#x}");
+        }
+        assert_eq!(ea.ram, eb.ram);
+        assert_eq!(ea.shadow, eb.shadow);
+        assert_eq!((ea.level, eb.level), (false, false));
+        assert_eq!(saved(a), saved(b));
+    }
+
+    #[test]
+    fn bad_states_refused() {
+        let (mut edu, _) = busy();
+        let good = saved(&edu);
+        let refused = |bytes: &[u8]| {
+            let mut e = Edu::new();
+            let err = e.restore(bytes).unwrap_err();
+            assert_eq!(saved(&e), saved(&Edu::new()), "left as it was");
+            err
+        };
+        for n in 0..good.len() {
+            assert_eq!(refused(&good[..n]), StateError::Truncated, "{n} bytes");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(refused(&long), StateError::Trailing(1));
+        let with = |at: usize, bytes: &[u8]| {
+            let mut b = good.clone();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            b
+        };
+        assert!(matches!(
+            refused(&with(0, &[2])),
+            StateError::Version { .. }
+        ));
+        assert!(matches!(refused(&with(2, b"ede")), StateError::Model(_)));
+        // The fields: 1 + 1 + 3 bytes of version and tag, then liveness,
+        // factorial, status (offset 13), irq status, DMA source,
+        // destination, count, command (offset 45).
+        assert_eq!(&good[13..17], &0x80u32.to_le_bytes());
+        assert!(matches!(
+            refused(&with(13, &[0x81])),
+            StateError::Invalid(_)
+        ));
+        assert!(matches!(refused(&with(15, &[1])), StateError::Invalid(_)));
+        assert!(matches!(
+            refused(&with(45, &[DMA_START as u8])),
+            StateError::Invalid(_)
+        ));
+        let mut uart = Vec::new();
+        crate::uart::Uart::new().save(&mut uart);
+        assert!(matches!(refused(&uart), StateError::Model(_)));
+        // Whatever the bytes, no panic, and a refusal changes nothing.
+        let before = saved(&edu);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..500 {
+            let mut b = good.clone();
+            for _ in 0..(round % 7 + 1) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x >> 16) as usize % b.len();
+                b[at] = x as u8;
+            }
+            b.truncate(b.len() - (x >> 40) as usize % 3);
+            if edu.restore(&b).is_ok() {
+                edu.restore(&before).unwrap();
+            }
+            assert_eq!(saved(&edu), before);
+        }
     }
 }

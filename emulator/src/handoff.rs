@@ -17,8 +17,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MAGIC: &str = "kvm-userdev-setup 1";
 const MAX_MESSAGE: usize = 4096;
-/// Backend, memory, INTx pair, ISA irqfd, MSI vectors, console pair.
-pub const MAX_FDS: usize = 2 + 2 + 1 + MAX_MSI_VECTORS + 2;
+/// Backend, memory, INTx pair, ISA irqfd, MSI vectors, console pair, state
+/// region.
+pub const MAX_FDS: usize = 2 + 2 + 1 + MAX_MSI_VECTORS + 2 + 1;
 pub const MAX_MSI_VECTORS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,9 @@ pub struct Setup {
     /// Console input (a non-blocking readable fd, a pipe the VMM feeds) and
     /// console output (a writable fd) are attached.
     pub console: bool,
+    /// A state region of this many bytes is attached
+    /// ([`crate::state`]): the device's state, kept across its emulators.
+    pub state_region: Option<u64>,
 }
 
 /// How guest accesses reach the emulator.
@@ -91,6 +95,8 @@ pub struct SetupFds {
     pub msi: Vec<OwnedFd>,
     /// (console input, console output)
     pub console: Option<(OwnedFd, OwnedFd)>,
+    /// The state region's memfd.
+    pub state_region: Option<OwnedFd>,
 }
 
 /// A message after the setup.
@@ -156,6 +162,9 @@ impl Setup {
             Transport::Ring => "transport ring\n",
             Transport::Socket => "transport socket\n",
         };
+        if let Some(len) = self.state_region {
+            s += &format!("state-region {len:#x}\n");
+        }
         s
     }
 
@@ -177,6 +186,7 @@ impl Setup {
             batch: Vec::new(),
             transport: Transport::Ring,
             console: false,
+            state_region: None,
         };
         for line in lines {
             let mut w = line.split_whitespace();
@@ -220,6 +230,7 @@ impl Setup {
                         _ => return Err(bad(line)),
                     }
                 }
+                "state-region" if args.len() == 1 => setup.state_region = Some(num(0)?),
                 "" => {}
                 _ => return Err(bad(line)),
             }
@@ -236,6 +247,7 @@ impl Setup {
             + usize::from(self.isa_irq)
             + self.msi_vectors as usize
             + if self.console { 2 } else { 0 }
+            + usize::from(self.state_region.is_some())
     }
 }
 
@@ -249,7 +261,7 @@ pub fn parse_u64(s: &str) -> Option<u64> {
 
 /// Sends the setup with its descriptors: backend (or access socket), memory,
 /// [INTx irqfd, resample fd,] [ISA irqfd,] MSI irqfds, [console input,
-/// console output].
+/// console output,] [state region].
 pub fn send_setup(
     sock: &UnixDatagram,
     setup: &Setup,
@@ -335,6 +347,7 @@ pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError
     let isa_irq = setup.isa_irq.then(&mut next);
     let msi = (0..setup.msi_vectors).map(|_| next()).collect();
     let console = setup.console.then(|| (next(), next()));
+    let state_region = setup.state_region.is_some().then(&mut next);
     Ok((
         setup,
         SetupFds {
@@ -344,6 +357,7 @@ pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError
             isa_irq,
             msi,
             console,
+            state_region,
         },
     ))
 }
@@ -387,6 +401,7 @@ mod tests {
             batch: vec![0x10],
             transport: Transport::Ring,
             console: false,
+            state_region: Some(0x10000),
         }
     }
 
@@ -407,6 +422,12 @@ mod tests {
     fn setup_round_trip() {
         let s = setup();
         assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
+        assert_eq!(s.fd_count(), 6);
+        let s = Setup {
+            state_region: None,
+            ..s
+        };
+        assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
         assert_eq!(s.fd_count(), 5);
         let s = Setup {
             transport: Transport::Socket,
@@ -415,7 +436,7 @@ mod tests {
         assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
         let s = uart_setup();
         assert_eq!(Setup::decode(&s.encode()).unwrap(), s);
-        assert_eq!(s.fd_count(), 5);
+        assert_eq!(s.fd_count(), 6);
         let all = Setup {
             intx: true,
             msi_vectors: MAX_MSI_VECTORS as u32,
@@ -437,6 +458,8 @@ mod tests {
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\ntransport pigeon\n",
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nisa-irq yes\n",
             "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nconsole 1 1\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nstate-region\n",
+            "kvm-userdev-setup 1\nmodel edu\nmemory 0 1 0\nstate-region big\n",
         ] {
             assert!(Setup::decode(text).is_err(), "{text:?}");
         }
@@ -454,7 +477,7 @@ mod tests {
     #[test]
     fn descriptors_travel() {
         let (a, b) = socketpair().unwrap();
-        let files: Vec<std::fs::File> = (0..5)
+        let files: Vec<std::fs::File> = (0..6)
             .map(|_| std::fs::File::open("/dev/null").unwrap())
             .collect();
         let fds: Vec<&dyn AsRawFd> = files.iter().map(|f| f as &dyn AsRawFd).collect();
@@ -463,11 +486,12 @@ mod tests {
         assert_eq!(s, setup());
         assert!(got.intx.is_some());
         assert_eq!(got.msi.len(), 1);
-        assert!(send_setup(&a, &setup(), &fds[..4]).is_err());
+        assert!(got.state_region.is_some());
+        assert!(send_setup(&a, &setup(), &fds[..5]).is_err());
 
         // Each descriptor lands in its place: tell them apart by their
         // inode (a pipe per slot).
-        let pipes: Vec<_> = (0..5).map(|_| std::io::pipe().unwrap()).collect();
+        let pipes: Vec<_> = (0..6).map(|_| std::io::pipe().unwrap()).collect();
         let fds: Vec<&dyn AsRawFd> = pipes.iter().map(|p| &p.0 as &dyn AsRawFd).collect();
         send_setup(&a, &uart_setup(), &fds).unwrap();
         let (s, got) = recv_setup(&b).unwrap();
@@ -487,10 +511,20 @@ mod tests {
                 ino(&got.memory),
                 ino(got.isa_irq.as_ref().unwrap()),
                 ino(input),
-                ino(output)
+                ino(output),
+                ino(got.state_region.as_ref().unwrap()),
             ],
             want[..]
         );
+        // Without a state region, one descriptor fewer.
+        let plain = Setup {
+            state_region: None,
+            ..uart_setup()
+        };
+        send_setup(&a, &plain, &fds[..5]).unwrap();
+        let (s, got) = recv_setup(&b).unwrap();
+        assert_eq!(s, plain);
+        assert!(got.state_region.is_none());
         drop(a);
         assert!(matches!(recv_setup(&b), Err(HandoffError::Closed)));
     }

@@ -6,7 +6,10 @@
 //! The emulator maps what it needs, enters its [`sandbox`] and then serves
 //! the device ([`serve`]): it consumes guest accesses from the ring in
 //! batches, answers forwarded loads, keeps the shadow image current and
-//! raises interrupts through the irqfds. For comparison it can also take
+//! raises interrupts through the irqfds. With a [`state`] region from the
+//! VMM it commits the model's state there after each batch, before the
+//! batch's interrupts, replies and consumption, and a restarted emulator
+//! continues from the last commit. For comparison it can also take
 //! accesses over a socket from a VMM that handles the exits itself
 //! ([`wire`]). Device models implement
 //! [`model::DeviceModel`]; [`edu::Edu`] follows QEMU's edu device,
@@ -17,6 +20,7 @@ pub mod handoff;
 pub mod model;
 pub mod sandbox;
 pub mod serve;
+pub mod state;
 pub mod uart;
 pub mod wire;
 

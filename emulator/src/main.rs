@@ -19,11 +19,13 @@ use std::process::ExitCode;
 
 use emulator::handoff::{recv_setup, send_ready};
 use emulator::model;
+use emulator::model::Env;
 use emulator::sandbox;
 use emulator::serve::{
-    map_memory, serve, AccessSource, Console, Intx, IsaIrq, MapSpec, Platform, Served, Sources,
-    Spin, SHADOW_SIZE,
+    map_memory, serve, AccessSource, Console, Durable, Intx, IsaIrq, MapSpec, Platform, Resumed,
+    Served, Sources, Spin, SHADOW_SIZE,
 };
+use emulator::state::{StateRegion, STATE_REGION_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
 struct Args {
@@ -94,6 +96,20 @@ fn run() -> Result<(), Box<dyn Error>> {
         Some(backend) if setup.shadow => Some(backend.create_shadow(SHADOW_SIZE)?),
         _ => None,
     };
+    // Mapped now, read once sandboxed. Only the ring has records to make
+    // durable; the socket transport gets none from our VMM.
+    let region = match (fds.state_region, setup.state_region, source.backend()) {
+        (Some(fd), Some(len), Some(_)) => {
+            if len != STATE_REGION_SIZE as u64 {
+                return Err(format!(
+                    "a state region of {len:#x} bytes, expected {STATE_REGION_SIZE:#x}"
+                )
+                .into());
+            }
+            Some(StateRegion::map(fd)?)
+        }
+        _ => None,
+    };
     let mut platform = Platform {
         memory: map_memory(fds.memory, &setup.memory)?,
         shadow,
@@ -114,6 +130,8 @@ fn run() -> Result<(), Box<dyn Error>> {
             batch: setup.batch.clone(),
         }),
         map_changed: false,
+        defer_irqs: false,
+        deferred_irqs: Vec::new(),
     };
     let mut sources = Sources::new(source.accesses(), &control, &platform);
     // Calibrated before the sandbox: the clock may need a system call.
@@ -127,13 +145,43 @@ fn run() -> Result<(), Box<dyn Error>> {
     };
     enter_sandbox(&setup.model, &source, &control, &platform, &args)?;
 
-    // Only now is guest-controlled data read: the ring, guest memory.
+    // Only now is guest-controlled data read: the ring, guest memory, the
+    // state region (a predecessor the guest compromised wrote it).
     let mut served = Served::default();
     let result = (|| -> Result<_, Box<dyn Error>> {
+        let mut durable = match (region, source.backend()) {
+            (Some(region), Some(backend)) => {
+                let (durable, resumed) =
+                    Durable::take_over(region, model.as_mut(), backend.pending());
+                match resumed {
+                    Resumed::Fresh => {}
+                    Resumed::From {
+                        applied_seq,
+                        replies,
+                    } => emulator::log!(
+                        "emulator[{}]: resumed the state committed at applied_seq {applied_seq} ({replies} saved replies)",
+                        setup.model
+                    ),
+                    Resumed::Refused(why) => emulator::log!(
+                        "emulator[{}]: state region refused ({why}); starting from reset",
+                        setup.model
+                    ),
+                }
+                Some(durable)
+            }
+            _ => None,
+        };
         if let (Some(backend), true) = (source.backend(), setup.shadow) {
             model.publish_all(&mut platform);
             platform.set_access_map(backend, model.as_ref())?;
         }
+        // A restored device whose interrupt is asserted: the predecessor
+        // may have died before it signalled it. A duplicate is harmless, a
+        // lost one is not. (From reset the output is low.)
+        if model.irq_asserted() {
+            platform.raise_irq();
+        }
+        platform.defer_irqs = durable.is_some();
         send_ready(&control)?;
         Ok(serve(
             &mut sources,
@@ -142,6 +190,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             &mut platform,
             model.as_mut(),
             spin,
+            durable.as_mut(),
             &mut served,
         )?)
     })();

@@ -124,6 +124,145 @@ pub trait DeviceModel: Send {
     fn input(&mut self, env: &mut dyn Env, bytes: &[u8]) {
         let _ = (env, bytes);
     }
+    /// Appends the model's whole state to `out` ([`StateWriter`]'s
+    /// encoding), for a successor to [`Self::restore`].
+    fn save(&self, out: &mut Vec<u8>);
+    /// Takes over a state that [`Self::save`] wrote, possibly in another
+    /// process that the guest may have compromised: every field is checked,
+    /// and on an error the model is left as it was.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError>;
+    /// Whether the model's interrupt output is asserted now (what its last
+    /// [`Env::raise_irq`] or [`Env::lower_irq`] said).
+    fn irq_asserted(&self) -> bool;
+}
+
+/// Why a saved model state was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("the state ends early")]
+    Truncated,
+    #[error("{0} bytes after the state's end")]
+    Trailing(usize),
+    #[error("the state is of another model ({0:?})")]
+    Model(String),
+    #[error("state version {found}, expected {expected}")]
+    Version { found: u8, expected: u8 },
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+/// Writes a model state: a version byte, the model's tag (a length byte
+/// and its bytes), then the model's fields, little-endian, in an order the
+/// model defines and [`StateReader`] reads back.
+pub struct StateWriter<'a> {
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> StateWriter<'a> {
+    /// Starts the state of model `tag` (at most 255 bytes), encoding
+    /// `version`.
+    pub fn new(out: &'a mut Vec<u8>, tag: &str, version: u8) -> Self {
+        debug_assert!(tag.len() <= usize::from(u8::MAX));
+        out.push(version);
+        out.push(tag.len() as u8);
+        out.extend_from_slice(tag.as_bytes());
+        StateWriter { out }
+    }
+
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.out.push(v);
+        self
+    }
+
+    pub fn bool(&mut self, v: bool) -> &mut Self {
+        self.u8(v.into())
+    }
+
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    /// Raw bytes; a variable length goes before them as a field of its own.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.out.extend_from_slice(b);
+        self
+    }
+}
+
+/// Reads what [`StateWriter`] wrote, refusing anything short, long or of
+/// another model or version.
+pub struct StateReader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> StateReader<'a> {
+    /// Checks the version and tag; the fields follow.
+    pub fn new(bytes: &'a [u8], tag: &str, version: u8) -> Result<Self, StateError> {
+        let mut r = StateReader { rest: bytes };
+        let found = r.u8()?;
+        if found != version {
+            return Err(StateError::Version {
+                found,
+                expected: version,
+            });
+        }
+        let len = r.u8()?;
+        let name = r.bytes(usize::from(len))?;
+        if name != tag.as_bytes() {
+            return Err(StateError::Model(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
+        }
+        Ok(r)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], StateError> {
+        if n > self.rest.len() {
+            return Err(StateError::Truncated);
+        }
+        let (b, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StateError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.bytes(N)?);
+        Ok(a)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, StateError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    /// A byte that must be 0 or 1.
+    pub fn bool(&mut self, what: &'static str) -> Result<bool, StateError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(StateError::Invalid(what)),
+        }
+    }
+
+    pub fn u32(&mut self) -> Result<u32, StateError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, StateError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// The state must end here.
+    pub fn finish(self) -> Result<(), StateError> {
+        match self.rest.len() {
+            0 => Ok(()),
+            n => Err(StateError::Trailing(n)),
+        }
+    }
 }
 
 /// The device model called `name` (the name the VMM and the handoff use),

@@ -299,6 +299,8 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     }
     // Control messages from the VMM, forwarded accesses (recv(2) is recvfrom on x86-64).
     rules.insert(libc::SYS_recvfrom, on_fds(&receivers));
+    // The state region (crate::state) is mapped before the sandbox goes
+    // up and used as plain memory after: it needs no call of its own.
     // The allocator: never executable memory.
     rules.insert(
         libc::SYS_mmap,

@@ -1,6 +1,22 @@
 //! The emulator's event loop: guest accesses from the backend's ring,
 //! control messages from the VMM, INTx resampling and console input, on
 //! one poll(2).
+//!
+//! With a state region ([`crate::state`], [`Durable`]) each batch of ring
+//! records is made durable before the kernel may forget it, so that a
+//! successor continues where an emulator killed at any instruction
+//! stopped: the records are read without moving the tail; those a
+//! predecessor applied already are skipped (a load among them gets the
+//! reply saved with the state again); the others are applied to the model,
+//! with DMA and console output as they happen and interrupt changes held
+//! back; the model's state is committed with the batch's last seq and its
+//! replies; then come the interrupt changes in order, the access map, the
+//! replies, and last the tail moves. A crash before the commit replays the
+//! batch (DMA is done again, which a guest that waits for its completion
+//! cannot tell; console bytes may go out twice); a crash after it loses
+//! nothing: a record answered but not consumed is delivered to the
+//! successor again, which skips it. Without a state region each batch is
+//! applied and consumed, then the access map and the replies follow.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -13,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::handoff::{Control, Transport};
 use crate::model::{DeviceModel, Env};
 use crate::sandbox;
+use crate::state::{RegionError, StateRegion, MAX_SAVED_REPLIES};
 use crate::wire;
 use userdev::{Access, Backend, MapEntry, Op, Reply, SeqGaps, Shadow};
 
@@ -106,6 +123,13 @@ pub struct Platform {
     pub map: Option<MapSpec>,
     /// The model asked for a new access map.
     pub map_changed: bool,
+    /// Hold the model's interrupt changes back until
+    /// [`Platform::flush_irqs`] (with a state region: until the state
+    /// that made them is committed, so that none goes out for a state a
+    /// successor would not have).
+    pub defer_irqs: bool,
+    /// The changes held back, oldest first: true raises, false lowers.
+    pub deferred_irqs: Vec<bool>,
 }
 
 /// What goes into the access map besides the model's own registers.
@@ -145,6 +169,46 @@ impl Platform {
         }
     }
 
+    /// Carries out the interrupt changes held back, in order.
+    pub fn flush_irqs(&mut self) {
+        for i in 0..self.deferred_irqs.len() {
+            if self.deferred_irqs[i] {
+                self.assert_irq();
+            } else {
+                self.deassert_irq();
+            }
+        }
+        self.deferred_irqs.clear();
+    }
+
+    fn assert_irq(&mut self) {
+        if let Some(isa) = &mut self.isa {
+            if !isa.high {
+                isa.high = true;
+                Self::trigger(&isa.irqfd, &mut self.irq_errors);
+            }
+        }
+        if self.msi_enabled {
+            if let Some(fd) = self.msi.first() {
+                Self::trigger(fd, &mut self.irq_errors);
+            }
+        } else if let Some(intx) = &mut self.intx {
+            intx.high = true;
+            Self::trigger(&intx.irqfd, &mut self.irq_errors);
+        }
+    }
+
+    fn deassert_irq(&mut self) {
+        // KVM drops the line at the EOI; not triggering again keeps it low.
+        if let Some(intx) = &mut self.intx {
+            intx.high = false;
+        }
+        // The ISA line's pulse is over already; the next raise is an edge.
+        if let Some(isa) = &mut self.isa {
+            isa.high = false;
+        }
+    }
+
     /// After a resample, raise the line again if the device still wants it.
     fn reassert(&mut self) {
         if let Some(intx) = &self.intx {
@@ -165,30 +229,18 @@ impl Env for Platform {
     }
 
     fn raise_irq(&mut self) {
-        if let Some(isa) = &mut self.isa {
-            if !isa.high {
-                isa.high = true;
-                Self::trigger(&isa.irqfd, &mut self.irq_errors);
-            }
-        }
-        if self.msi_enabled {
-            if let Some(fd) = self.msi.first() {
-                Self::trigger(fd, &mut self.irq_errors);
-            }
-        } else if let Some(intx) = &mut self.intx {
-            intx.high = true;
-            Self::trigger(&intx.irqfd, &mut self.irq_errors);
+        if self.defer_irqs {
+            self.deferred_irqs.push(true);
+        } else {
+            self.assert_irq();
         }
     }
 
     fn lower_irq(&mut self) {
-        // KVM drops the line at the EOI; not triggering again keeps it low.
-        if let Some(intx) = &mut self.intx {
-            intx.high = false;
-        }
-        // The ISA line's pulse is over already; the next raise is an edge.
-        if let Some(isa) = &mut self.isa {
-            isa.high = false;
+        if self.defer_irqs {
+            self.deferred_irqs.push(false);
+        } else {
+            self.deassert_irq();
         }
     }
 
@@ -204,6 +256,9 @@ impl Env for Platform {
         };
     }
 
+    /// At once, while the batch is applied: with a state region, a crash
+    /// before the batch is committed makes the successor apply it again,
+    /// and these bytes go out a second time.
     fn console_out(&mut self, mut bytes: &[u8]) {
         // Without a console the line goes nowhere.
         let Some(console) = &self.console else { return };
@@ -260,35 +315,36 @@ impl ConsoleInput {
     }
 
     /// Gives the model as many bytes as it has room for, reading the
-    /// console when the buffer runs dry.
-    fn feed(&mut self, platform: &mut Platform, model: &mut dyn DeviceModel) {
+    /// console when the buffer runs dry; whether it gave any.
+    fn feed(&mut self, platform: &mut Platform, model: &mut dyn DeviceModel) -> bool {
+        let mut fed = false;
         loop {
             let room = model.input_room();
             if room == 0 {
-                return;
+                return fed;
             }
             if self.start == self.end {
                 let Some(console) = &platform.console else {
-                    return;
+                    return fed;
                 };
                 if !self.readable || self.closed {
-                    return;
+                    return fed;
                 }
                 match (&console.input).read(&mut self.buf) {
                     Ok(0) => {
                         self.closed = true;
-                        return;
+                        return fed;
                     }
                     Ok(n) => (self.start, self.end) = (0, n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.readable = false;
-                        return;
+                        return fed;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => {
                         platform.console_errors += 1;
                         self.closed = true;
-                        return;
+                        return fed;
                     }
                 }
             }
@@ -301,8 +357,26 @@ impl ConsoleInput {
             }
             model.input(platform, &self.buf[self.start..self.start + n]);
             self.start += n;
+            fed = true;
         }
     }
+}
+
+/// Feeds console input to the model; with a state region, commits what
+/// the input changed before its interrupt changes go out. Bytes taken
+/// from the console are lost if the emulator dies before that commit.
+fn feed(
+    input: &mut ConsoleInput,
+    platform: &mut Platform,
+    model: &mut dyn DeviceModel,
+    durable: Option<&mut Durable>,
+) -> Result<(), RegionError> {
+    let fed = input.feed(platform, model);
+    if let (true, Some(durable)) = (fed, durable) {
+        durable.commit_input(model)?;
+    }
+    platform.flush_irqs();
+    Ok(())
 }
 
 /// The access map for `model`'s shadowed registers inside the image,
@@ -337,16 +411,20 @@ pub struct Served {
     /// a stalled one, a ring that stayed full): gaps in the sequence
     /// numbers. Not an error: the model just never saw them.
     pub seq: SeqGaps,
+    /// Records a predecessor had applied already, delivered again after
+    /// it died: skipped.
+    pub redelivered: u64,
 }
 
 impl std::fmt::Display for Served {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "accesses={} missed_accesses={} seq_gaps={}",
+            "accesses={} missed_accesses={} seq_gaps={} redelivered={}",
             self.accesses,
             self.seq.missed(),
-            self.seq.gaps()
+            self.seq.gaps(),
+            self.redelivered
         )
     }
 }
@@ -366,6 +444,8 @@ pub enum ServeError {
     Poll(#[from] io::Error),
     #[error("user device: {0}")]
     Device(#[from] userdev::Error),
+    #[error("state region: {0}")]
+    State(#[from] RegionError),
 }
 
 /// Where guest accesses come from.
@@ -607,9 +687,129 @@ fn tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// With a state region: the device's state as last committed there, and
+/// the records a predecessor applied that may come again.
+pub struct Durable {
+    region: StateRegion,
+    /// The model's state, saved for a commit (reused).
+    saved: Vec<u8>,
+    /// What the last commit said: a commit for console input, which
+    /// applies no record, says it again.
+    applied_seq: u64,
+    replies: Vec<Reply>,
+    /// Until the predecessor's records have passed.
+    resume: Option<Resume>,
+}
+
+/// What a predecessor committed about the records still in the ring.
+struct Resume {
+    applied_seq: u64,
+    replies: Vec<Reply>,
+    /// Records that can still be the predecessor's: those pending at the
+    /// take-over. A state that names a later seq (garbage) skips no more.
+    left: u32,
+}
+
+/// How [`Durable::take_over`] found the region.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resumed {
+    /// Nothing committed yet: the model starts from reset.
+    Fresh,
+    /// The model continues from the state committed with `applied_seq`.
+    From { applied_seq: u64, replies: usize },
+    /// What the region held was refused (why): the model starts from reset.
+    Refused(String),
+}
+
+impl Durable {
+    /// Takes `region` over for `model`, fresh from reset: restores the
+    /// committed state, if there is one and it checks out. `pending`: the
+    /// ring's records now, the only ones a predecessor can have applied.
+    /// The region is read here: call it once sandboxed.
+    pub fn take_over(
+        mut region: StateRegion,
+        model: &mut dyn DeviceModel,
+        pending: u32,
+    ) -> (Durable, Resumed) {
+        let (resume, resumed) = match region.take_over() {
+            Ok(None) => (None, Resumed::Fresh),
+            Err(e) => (None, Resumed::Refused(e.to_string())),
+            Ok(Some(c)) => match model.restore(&c.state) {
+                Ok(()) => {
+                    let resumed = Resumed::From {
+                        applied_seq: c.applied_seq,
+                        replies: c.replies.len(),
+                    };
+                    let resume = Resume {
+                        applied_seq: c.applied_seq,
+                        replies: c.replies,
+                        left: pending,
+                    };
+                    (Some(resume), resumed)
+                }
+                // The model is left at reset.
+                Err(e) => (None, Resumed::Refused(format!("the model's state: {e}"))),
+            },
+        };
+        let durable = Durable {
+            region,
+            saved: Vec::new(),
+            applied_seq: resume.as_ref().map_or(0, |r| r.applied_seq),
+            replies: resume.as_ref().map_or(Vec::new(), |r| r.replies.clone()),
+            resume,
+        };
+        (durable, resumed)
+    }
+
+    /// Whether `a` is a record the predecessor applied; a load among them
+    /// gets its saved reply again, if there is one (if not, its vCPU waits
+    /// for the timeout and reads all-ones).
+    fn redelivered(&mut self, a: &Access, replies: &mut Vec<Reply>) -> bool {
+        let Some(resume) = &mut self.resume else {
+            return false;
+        };
+        // Records come in seq order: once one is new, all that follow are.
+        if resume.left == 0 || a.seq > resume.applied_seq {
+            self.resume = None;
+            return false;
+        }
+        resume.left -= 1;
+        if a.op == Op::Load {
+            replies.extend(resume.replies.iter().find(|r| r.seq == a.seq));
+        }
+        true
+    }
+
+    /// Commits the model's state as of the record `applied_seq`, with the
+    /// batch's `replies`.
+    fn commit(
+        &mut self,
+        model: &dyn DeviceModel,
+        applied_seq: u64,
+        replies: &[Reply],
+    ) -> Result<(), RegionError> {
+        self.saved.clear();
+        model.save(&mut self.saved);
+        self.region.commit(applied_seq, replies, &self.saved)?;
+        self.applied_seq = applied_seq;
+        self.replies.clear();
+        self.replies.extend_from_slice(replies);
+        Ok(())
+    }
+
+    /// Commits a change that came from console input, not from the ring.
+    fn commit_input(&mut self, model: &dyn DeviceModel) -> Result<(), RegionError> {
+        let replies = std::mem::take(&mut self.replies);
+        self.commit(model, self.applied_seq, &replies)
+    }
+}
+
 /// Serves the device until the VM or the VMM goes away. With `spin`, the
-/// ring is watched for an adaptive while before each sleep. `served` counts what
-/// came in, also when this returns an error.
+/// ring is watched for an adaptive while before each sleep; with
+/// `durable`, each batch from the ring is committed to the state region
+/// before it is consumed. `served` counts what came in, also when this
+/// returns an error.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     sources: &mut Sources,
     accesses: Accesses,
@@ -617,9 +817,10 @@ pub fn serve(
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
     mut spin: Option<Spin>,
+    mut durable: Option<&mut Durable>,
     served: &mut Served,
 ) -> Result<Exit, ServeError> {
-    let mut replies = Vec::with_capacity(64);
+    let mut batch = Batch::default();
     let mut input = ConsoleInput::default();
     loop {
         // Work found while spinning: still collect other events, without
@@ -662,12 +863,13 @@ pub fn serve(
                     platform,
                     model,
                     &mut input,
-                    &mut replies,
+                    &mut batch,
+                    durable.as_deref_mut(),
                     served,
                 ) {
                     Ok(()) => true,
-                    Err(userdev::Error::DeviceGone) => false,
-                    Err(e) => return Err(e.into()),
+                    Err(ServeError::Device(userdev::Error::DeviceGone)) => false,
+                    Err(e) => return Err(e),
                 }
             }
             Accesses::Socket(socket) => {
@@ -675,7 +877,7 @@ pub fn serve(
             }
         };
         // Console input that arrived while the ring was idle.
-        input.feed(platform, model);
+        feed(&mut input, platform, model, durable.as_deref_mut())?;
         if !open {
             return Ok(Exit::DeviceGone);
         }
@@ -685,20 +887,30 @@ pub fn serve(
     }
 }
 
+/// The ring loop's buffers, reused from batch to batch.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Access>,
+    replies: Vec<Reply>,
+}
+
 /// Consumes the ring until it is empty. Each batch is applied in full,
 /// shadow-image updates included, before the tail moves past it: KVM
 /// serves a vCPU's loads from the shadow image once its stores are
-/// consumed. After each batch, console input the model now has room for
-/// (the guest may have read RBR).
+/// consumed. With `durable`, the batch is committed first, and the tail
+/// moves after the replies (the module docs say why). After each batch,
+/// console input the model now has room for (the guest may have read RBR).
+#[allow(clippy::too_many_arguments)]
 fn serve_ring(
     backend: &Backend,
     control: &UnixDatagram,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
     input: &mut ConsoleInput,
-    replies: &mut Vec<Reply>,
+    batch: &mut Batch,
+    mut durable: Option<&mut Durable>,
     served: &mut Served,
-) -> userdev::Result<()> {
+) -> Result<(), ServeError> {
     loop {
         // Snapshot the head before reading control messages: a message the
         // VMM sent before a vCPU made one of these accesses (MSI enabled,
@@ -708,21 +920,84 @@ fn serve_ring(
             return Ok(());
         }
         drain_control(control, platform);
-        replies.clear();
-        backend.consume_max(pending, |a: &Access| {
-            handle(a, platform, model, replies, served)
-        })?;
-        // Before the replies: a guest that waits for one of them (a load
-        // behind the store that changed the map) then stores under the
-        // new map.
-        if platform.map_changed {
-            platform.set_access_map(backend, model)?;
+        let replies = &mut batch.replies;
+        match durable.as_deref_mut() {
+            None => {
+                replies.clear();
+                backend.consume_max(pending, |a: &Access| {
+                    handle(a, platform, model, replies, served)
+                })?;
+                answer(backend, platform, model, replies)?;
+            }
+            Some(durable) => {
+                batch.records.clear();
+                backend.peek_max(pending, |a: &Access| batch.records.push(*a))?;
+                let mut rest = &batch.records[..];
+                while !rest.is_empty() {
+                    replies.clear();
+                    let n = apply(rest, platform, model, durable, replies, served);
+                    durable.commit(model, rest[n - 1].seq, replies)?;
+                    platform.flush_irqs();
+                    answer(backend, platform, model, replies)?;
+                    // Only now may the kernel forget these records.
+                    backend.advance(n as u32)?;
+                    rest = &rest[n..];
+                }
+            }
         }
-        if !replies.is_empty() {
-            backend.reply(replies)?;
-        }
-        input.feed(platform, model);
+        feed(input, platform, model, durable.as_deref_mut())?;
     }
+}
+
+/// After a batch: the access map, then the replies. The map comes first: a
+/// guest that waits for one of them (a load behind the store that changed
+/// the map) then stores under the new map.
+fn answer(
+    backend: &Backend,
+    platform: &mut Platform,
+    model: &dyn DeviceModel,
+    replies: &[Reply],
+) -> userdev::Result<()> {
+    if platform.map_changed {
+        platform.set_access_map(backend, model)?;
+    }
+    if !replies.is_empty() {
+        // A reply whose load no longer waits (it timed out, or it was the
+        // predecessor's and its vCPU gave up) is refused and counted by
+        // `reply`, not an error.
+        backend.reply(replies)?;
+    }
+    Ok(())
+}
+
+/// Applies records from the front of `records`, skipping those a
+/// predecessor applied, until the replies to save are full; returns how
+/// many it took (at least one).
+fn apply(
+    records: &[Access],
+    platform: &mut Platform,
+    model: &mut dyn DeviceModel,
+    durable: &mut Durable,
+    replies: &mut Vec<Reply>,
+    served: &mut Served,
+) -> usize {
+    let mut taken = 0;
+    for a in records {
+        if a.op == Op::Load && replies.len() >= MAX_SAVED_REPLIES {
+            break;
+        }
+        if durable.redelivered(a, replies) {
+            served.redelivered += 1;
+            served.seq.note(a.seq);
+            if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+                crate::log!("emulator: trace seq {} redelivered, skipped", a.seq);
+            }
+        } else {
+            handle(a, platform, model, replies, served);
+        }
+        taken += 1;
+    }
+    taken
 }
 
 /// Takes forwarded accesses until none is left, feeding console input
@@ -866,6 +1141,8 @@ mod tests {
             console_errors: 0,
             map: None,
             map_changed: false,
+            defer_irqs: false,
+            deferred_irqs: Vec::new(),
         };
         (platform, feed, output_reader)
     }
@@ -927,5 +1204,292 @@ mod tests {
         input.feed(&mut p, &mut uart);
         assert!(input.closed, "end of file: reading stops");
         assert_eq!(p.console_errors, 0);
+    }
+
+    fn access(seq: u64, op: Op, offset: u64, value: u8) -> Access {
+        Access {
+            seq,
+            range: BAR0_RANGE,
+            offset,
+            len: 1,
+            op,
+            data: userdev::data::from_u64(value.into(), 1),
+            vcpu: 0,
+        }
+    }
+
+    fn store(seq: u64, offset: u64, value: u8) -> Access {
+        access(seq, Op::Store, offset, value)
+    }
+
+    fn load(seq: u64, offset: u64) -> Access {
+        access(seq, Op::Load, offset, 0)
+    }
+
+    /// A new emulator's view of the device's state region (`fd`).
+    fn take_over(fd: &OwnedFd, model: &mut dyn DeviceModel, pending: u32) -> (Durable, Resumed) {
+        let region = StateRegion::map(fd.try_clone().unwrap()).unwrap();
+        Durable::take_over(region, model, pending)
+    }
+
+    /// serve_ring's durable path without the backend: apply, commit, then
+    /// the interrupts; the replies of each commit, in order.
+    fn run(
+        records: &[Access],
+        p: &mut Platform,
+        model: &mut dyn DeviceModel,
+        d: &mut Durable,
+        served: &mut Served,
+    ) -> Vec<Reply> {
+        let mut all = Vec::new();
+        let mut rest = records;
+        while !rest.is_empty() {
+            let mut replies = Vec::new();
+            let n = apply(rest, p, model, d, &mut replies, served);
+            d.commit(model, rest[n - 1].seq, &replies).unwrap();
+            p.flush_irqs();
+            all.extend(replies);
+            rest = &rest[n..];
+        }
+        all
+    }
+
+    /// What a platform's console wrote, once it is dropped.
+    fn output(p: Platform, mut out: PipeReader) -> Vec<u8> {
+        drop(p);
+        let mut got = Vec::new();
+        out.read_to_end(&mut got).unwrap();
+        got
+    }
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const FCR: u64 = 2;
+    const MCR: u64 = 4;
+    const LSR: u64 = 5;
+
+    /// FIFOs on, the receive interrupt enabled and wired (OUT2), one byte
+    /// sent.
+    fn setup_batch() -> Vec<Access> {
+        vec![
+            store(1, MCR, 0x08),
+            store(2, IER, 0x01),
+            store(3, FCR, 0x01),
+            store(4, THR, b'a'),
+        ]
+    }
+
+    /// Reads a received byte, sends one, reads LSR.
+    fn second_batch() -> Vec<Access> {
+        vec![load(5, THR), store(6, THR, b'b'), load(7, LSR)]
+    }
+
+    /// The first emulator of a UART: the setup batch, console input "hi",
+    /// the second batch; it dies after committing that (`committed`) or
+    /// just before. Returns its replies to the second batch, and the state
+    /// region's fd.
+    fn first_emulator(committed: bool) -> (Vec<Reply>, OwnedFd, Vec<u8>) {
+        let fd = crate::state::create_file().unwrap();
+        let (mut p, mut feed_in, out) = platform();
+        p.defer_irqs = true;
+        let mut uart = Uart::new();
+        let (mut d, resumed) = take_over(&fd, &mut uart, 0);
+        assert_eq!(resumed, Resumed::Fresh);
+        let mut served = Served::default();
+        run(&setup_batch(), &mut p, &mut uart, &mut d, &mut served);
+        feed_in.write_all(b"hi").unwrap();
+        let mut input = ConsoleInput::default();
+        feed(&mut input, &mut p, &mut uart, Some(&mut d)).unwrap();
+        assert_eq!(pulses(&p), 1, "the received data's interrupt");
+        let replies = if committed {
+            run(&second_batch(), &mut p, &mut uart, &mut d, &mut served)
+        } else {
+            let mut replies = Vec::new();
+            apply(
+                &second_batch(),
+                &mut p,
+                &mut uart,
+                &mut d,
+                &mut replies,
+                &mut served,
+            );
+            replies
+        };
+        (replies, fd, output(p, out))
+    }
+
+    /// The same accesses and input, in one emulator that does not die.
+    fn reference() -> (Uart, Vec<Reply>) {
+        let (mut p, _, _) = platform();
+        let mut uart = Uart::new();
+        let mut replies = Vec::new();
+        for a in setup_batch() {
+            handle(&a, &mut p, &mut uart, &mut replies, &mut Served::default());
+        }
+        uart.input(&mut p, b"hi");
+        for a in second_batch().iter().chain(&[load(8, THR)]) {
+            handle(a, &mut p, &mut uart, &mut replies, &mut Served::default());
+        }
+        (uart, replies)
+    }
+
+    /// Killed after the commit, before the replies and the tail: the
+    /// successor gets the second batch again, skips it (the received byte
+    /// is not read twice, the sent one not sent twice), answers its loads
+    /// as the first emulator did, and goes on.
+    #[test]
+    fn a_successor_skips_what_was_committed() {
+        let (replies, fd, out) = first_emulator(true);
+        assert_eq!(out, b"ab");
+        assert_eq!(replies[0].value(1), u64::from(b'h'));
+        let (mut p, _, out) = platform();
+        p.defer_irqs = true;
+        let mut uart = Uart::new();
+        let (mut d, resumed) = take_over(&fd, &mut uart, 4);
+        assert_eq!(
+            resumed,
+            Resumed::From {
+                applied_seq: 7,
+                replies: 2
+            }
+        );
+        assert!(uart.irq_asserted(), "'i' waits with RDI on");
+        let mut served = Served::default();
+        let records: Vec<Access> = second_batch().into_iter().chain([load(8, THR)]).collect();
+        let again = run(&records, &mut p, &mut uart, &mut d, &mut served);
+        assert_eq!(again[..2], replies[..]);
+        assert_eq!(again[2].value(1), u64::from(b'i'));
+        assert_eq!((served.redelivered, served.accesses), (3, 1));
+        let (want, want_replies) = reference();
+        assert_eq!(again[2], want_replies[want_replies.len() - 1]);
+        let state = |m: &Uart| {
+            let mut v = Vec::new();
+            m.save(&mut v);
+            v
+        };
+        assert_eq!(state(&uart), state(&want));
+        assert_eq!(output(p, out), b"", "nothing sent twice");
+        // And a third emulator, after the successor died before its tail
+        // moved: the successor's commit kept every reply it gave.
+        let mut third = Uart::new();
+        let (mut d, _) = take_over(&fd, &mut third, 4);
+        let (mut p, _, _) = platform();
+        let mut replies = Vec::new();
+        assert_eq!(
+            apply(
+                &records,
+                &mut p,
+                &mut third,
+                &mut d,
+                &mut replies,
+                &mut served
+            ),
+            4
+        );
+        assert_eq!(replies, again);
+        assert_eq!(state(&third), state(&want));
+    }
+
+    /// Killed before the commit: the successor starts from the commit
+    /// before (console input included) and applies the batch again, which
+    /// sends its byte a second time.
+    #[test]
+    fn a_successor_replays_what_was_not_committed() {
+        let (replies, fd, out) = first_emulator(false);
+        assert_eq!(out, b"ab");
+        let (mut p, _, out) = platform();
+        p.defer_irqs = true;
+        let mut uart = Uart::new();
+        let (mut d, resumed) = take_over(&fd, &mut uart, 3);
+        // The setup batch; the input's commit kept its seq.
+        assert_eq!(
+            resumed,
+            Resumed::From {
+                applied_seq: 4,
+                replies: 0
+            }
+        );
+        let mut served = Served::default();
+        let records: Vec<Access> = second_batch().into_iter().chain([load(8, THR)]).collect();
+        let again = run(&records, &mut p, &mut uart, &mut d, &mut served);
+        assert_eq!(again[..2], replies[..], "the same answers");
+        assert_eq!((served.redelivered, served.accesses), (0, 4));
+        let (want, _) = reference();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        uart.save(&mut a);
+        want.save(&mut b);
+        assert_eq!(a, b);
+        assert_eq!(output(p, out), b"b", "the replayed byte, again");
+    }
+
+    /// Interrupt changes wait for the commit, then go out in order.
+    #[test]
+    fn interrupts_wait_for_the_commit() {
+        let fd = crate::state::create_file().unwrap();
+        let (mut p, mut feed_in, _out) = platform();
+        p.defer_irqs = true;
+        let mut uart = Uart::new();
+        let (mut d, _) = take_over(&fd, &mut uart, 0);
+        let mut replies = Vec::new();
+        let mut served = Served::default();
+        apply(
+            &setup_batch(),
+            &mut p,
+            &mut uart,
+            &mut d,
+            &mut replies,
+            &mut served,
+        );
+        feed_in.write_all(b"x").unwrap();
+        let mut input = ConsoleInput::default();
+        input.feed(&mut p, &mut uart);
+        // Raised by the input, lowered by reading it, raised again.
+        apply(
+            &[load(5, THR)],
+            &mut p,
+            &mut uart,
+            &mut d,
+            &mut replies,
+            &mut served,
+        );
+        uart.input(&mut p, b"y");
+        assert_eq!(pulses(&p), 0, "nothing before the commit");
+        assert_eq!(p.deferred_irqs, [true, false, true]);
+        d.commit(&uart, 5, &replies).unwrap();
+        p.flush_irqs();
+        assert_eq!(pulses(&p), 2, "two rising edges");
+        assert!(p.deferred_irqs.is_empty());
+    }
+
+    /// More loads than a commit saves replies for: the batch is committed
+    /// in parts; records a (garbage) state claims beyond the ring's
+    /// records at the take-over are applied.
+    #[test]
+    fn batches_split_at_the_saved_replies() {
+        let fd = crate::state::create_file().unwrap();
+        let (mut p, _, _) = platform();
+        let mut uart = Uart::new();
+        let (mut d, _) = take_over(&fd, &mut uart, 0);
+        let loads: Vec<Access> = (1..=150).map(|seq| load(seq, LSR)).collect();
+        let mut replies = Vec::new();
+        let mut served = Served::default();
+        assert_eq!(
+            apply(&loads, &mut p, &mut uart, &mut d, &mut replies, &mut served),
+            MAX_SAVED_REPLIES
+        );
+        let replies = run(&loads, &mut p, &mut uart, &mut d, &mut served);
+        assert_eq!(replies.len(), 150);
+        assert_eq!(
+            take_over(&fd, &mut Uart::new(), 150).1,
+            Resumed::From {
+                applied_seq: 150,
+                replies: 150 - 2 * MAX_SAVED_REPLIES
+            }
+        );
+        // A successor that found only two records pending skips only those.
+        let (mut d, _) = take_over(&fd, &mut uart, 2);
+        let mut served = Served::default();
+        run(&loads[..5], &mut p, &mut uart, &mut d, &mut served);
+        assert_eq!((served.redelivered, served.accesses), (2, 3));
     }
 }

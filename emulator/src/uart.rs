@@ -18,8 +18,15 @@
 
 use std::collections::VecDeque;
 
-use crate::model::{BatchedRegister, DeviceModel, Env, Placement, ShadowRegister};
+use crate::model::{
+    BatchedRegister, DeviceModel, Env, Placement, ShadowRegister, StateError, StateReader,
+    StateWriter,
+};
 use userdev::Sizes;
+
+/// The tag and version of a saved state ([`DeviceModel::save`]).
+const STATE_TAG: &str = "uart16550a";
+const STATE_VERSION: u8 = 1;
 
 /// COM1.
 pub const PLACEMENT: Placement = Placement::Isa {
@@ -187,9 +194,7 @@ impl Uart {
             line: false,
             published: [0; REGISTERS as usize],
         };
-        for r in SHADOWED {
-            uart.published[r.offset as usize] = uart.shadow_value(r.offset);
-        }
+        uart.published = uart.settled_image();
         uart
     }
 
@@ -277,10 +282,25 @@ impl Uart {
         }
     }
 
+    /// The interrupt output as the registers have it. On a PC the UART's
+    /// interrupt reaches the bus only through a driver enabled by OUT2,
+    /// which loopback forces inactive.
+    fn wanted_line(&self) -> bool {
+        self.source().is_some() && self.mcr & MCR_OUT2 != 0 && !self.loopback()
+    }
+
+    /// What [`Self::published`] holds once [`Self::settle`] ran: the
+    /// shadowed registers' values, zero elsewhere.
+    fn settled_image(&self) -> [u8; REGISTERS as usize] {
+        let mut image = [0; REGISTERS as usize];
+        for r in SHADOWED {
+            image[r.offset as usize] = self.shadow_value(r.offset);
+        }
+        image
+    }
+
     /// After every change: the shadow image first (a guest woken by the
-    /// interrupt reads LSR from it), then the interrupt output. On a PC the
-    /// UART's interrupt reaches the bus only through a driver enabled by
-    /// OUT2, which loopback forces inactive.
+    /// interrupt reads LSR from it), then the interrupt output.
     fn settle(&mut self, env: &mut dyn Env) {
         for r in SHADOWED {
             let value = self.shadow_value(r.offset);
@@ -290,7 +310,7 @@ impl Uart {
                 env.publish(r.offset, 1, value.into());
             }
         }
-        let line = self.source().is_some() && self.mcr & MCR_OUT2 != 0 && !self.loopback();
+        let line = self.wanted_line();
         if line != self.line {
             self.line = line;
             if line {
@@ -466,6 +486,84 @@ impl DeviceModel for Uart {
         let room = self.input_room();
         self.rx.extend(bytes.iter().take(room));
         self.settle(env);
+    }
+
+    fn save(&self, out: &mut Vec<u8>) {
+        let (front, back) = self.rx.as_slices();
+        StateWriter::new(out, STATE_TAG, STATE_VERSION)
+            .u8(self.ier)
+            .u8(self.lcr)
+            .u8(self.mcr)
+            .u8(self.scr)
+            .u8(self.dll)
+            .u8(self.dlm)
+            .bool(self.fifo_enabled)
+            .u8(self.trigger as u8)
+            .u8(self.rx.len() as u8)
+            .bytes(front)
+            .bytes(back)
+            .bool(self.thre_pending)
+            .u8(self.msr_delta)
+            .bool(self.line)
+            .bytes(&self.published);
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let mut r = StateReader::new(bytes, STATE_TAG, STATE_VERSION)?;
+        let (ier, lcr, mcr, scr, dll, dlm) = (r.u8()?, r.u8()?, r.u8()?, r.u8()?, r.u8()?, r.u8()?);
+        let fifo_enabled = r.bool("UART FIFO enable")?;
+        let trigger = usize::from(r.u8()?);
+        let rx_len = usize::from(r.u8()?);
+        let rx = r.bytes(rx_len)?;
+        let thre_pending = r.bool("UART THRE latch")?;
+        let msr_delta = r.u8()?;
+        let line = r.bool("UART interrupt output")?;
+        let published = r.bytes(REGISTERS as usize)?;
+        r.finish()?;
+        if ier & !IER_MASK != 0 || mcr & !MCR_MASK != 0 || msr_delta & !0x0f != 0 {
+            return Err(StateError::Invalid("UART register bits"));
+        }
+        if !TRIGGER_LEVELS.contains(&trigger) {
+            return Err(StateError::Invalid("UART trigger level"));
+        }
+        let mut fifo = VecDeque::with_capacity(FIFO_SIZE);
+        fifo.extend(rx);
+        let uart = Uart {
+            ier,
+            lcr,
+            mcr,
+            scr,
+            dll,
+            dlm,
+            fifo_enabled,
+            trigger,
+            rx: fifo,
+            thre_pending,
+            msr_delta,
+            line,
+            published: [0; REGISTERS as usize],
+        };
+        // Every access ends in settle(): the FIFO within its depth, the
+        // latches agreeing with the registers.
+        if rx_len > uart.rx_capacity() {
+            return Err(StateError::Invalid("UART receive FIFO length"));
+        }
+        if line != uart.wanted_line() {
+            return Err(StateError::Invalid("UART interrupt output"));
+        }
+        let settled = uart.settled_image();
+        if published != settled {
+            return Err(StateError::Invalid("UART published registers"));
+        }
+        *self = Uart {
+            published: settled,
+            ..uart
+        };
+        Ok(())
+    }
+
+    fn irq_asserted(&self) -> bool {
+        self.line
     }
 }
 
@@ -1031,5 +1129,152 @@ mod tests {
         assert!(Uart::new().placement().pci().is_none());
         assert!(crate::model::by_name("uart").is_some());
         assert!(crate::model::by_name("uart16550a").is_some());
+    }
+
+    fn saved(uart: &Uart) -> Vec<u8> {
+        let mut out = Vec::new();
+        uart.save(&mut out);
+        out
+    }
+
+    /// A bus whose UART took over `state`, as a restarted emulator's:
+    /// a fresh image published, the line as the model has it.
+    fn restored(state: &[u8]) -> Bus {
+        let mut b = Bus::new();
+        b.uart.restore(state).unwrap();
+        b.env.shadow.clear();
+        b.uart.publish_all(&mut b.env);
+        b.env.level = b.uart.irq_asserted();
+        b
+    }
+
+    /// Started, data waiting (with the FIFO wrapped around), the THRE
+    /// latch set, a modem status change pending, the divisor changed.
+    fn busy() -> Bus {
+        let mut b = started();
+        b.outb(LCR, LCR_WLEN8 | LCR_DLAB);
+        b.outb(0, 0x0c);
+        b.outb(LCR, LCR_WLEN8);
+        b.outb(SCR, 0x5a);
+        b.input(b"0123456789ab");
+        for _ in 0..10 {
+            b.inb(RBR_THR_DLL);
+        }
+        b.input(b"cdefghij");
+        b.outb(IER_DLM, IER_RDI | IER_THRI | IER_MSI);
+        b.outb(MCR, MCR_OUT2 | MCR_DTR);
+        b
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut a = busy();
+        let state = saved(&a.uart);
+        let mut b = restored(&state);
+        assert_eq!(saved(&b.uart), state);
+        assert!(b.uart.irq_asserted());
+        assert!(!Uart::new().irq_asserted());
+        b.check_shadow();
+        // The same accesses from here on: the same answers, output and
+        // interrupt edges (FakeEnv checks they alternate).
+        for bus in [&mut a, &mut b] {
+            bus.env.out.clear();
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                seen.push(bus.inb(IIR_FCR));
+                seen.push(bus.inb(MSR));
+                seen.push(bus.inb(LSR));
+            }
+            while bus.inb(LSR) & LSR_DR != 0 {
+                seen.push(bus.inb(RBR_THR_DLL));
+            }
+            bus.outb(RBR_THR_DLL, b'!');
+            seen.push(bus.inb(IIR_FCR));
+            bus.outb(MCR, MCR_LOOP);
+            bus.outb(RBR_THR_DLL, b'?');
+            seen.push(bus.inb(RBR_THR_DLL));
+            seen.extend([bus.env.level as u8, bus.inb(IER_DLM)]);
+            bus.env.out.extend(seen);
+        }
+        assert_eq!(a.env.out, b.env.out);
+        // The output byte, nine status reads, then the FIFO's ten bytes.
+        assert_eq!(&a.env.out[10..20], b"abcdefghij".as_slice());
+        assert_eq!(saved(&a.uart), saved(&b.uart));
+    }
+
+    #[test]
+    fn bad_states_refused() {
+        let good = saved(&busy().uart);
+        let refused = |bytes: &[u8]| {
+            let mut u = Uart::new();
+            let err = u.restore(bytes).unwrap_err();
+            assert_eq!(saved(&u), saved(&Uart::new()), "left as it was");
+            err
+        };
+        for n in 0..good.len() {
+            assert_eq!(refused(&good[..n]), StateError::Truncated, "{n} bytes");
+        }
+        assert_eq!(
+            refused(&[&good[..], &[0]].concat()),
+            StateError::Trailing(1)
+        );
+        // Version, the tag (10 bytes), then IER at 12, LCR, MCR, SCR, DLL,
+        // DLM, FIFO enable at 18, trigger, FIFO length at 20, its bytes,
+        // THRE latch, MSR deltas, line, published image.
+        assert_eq!(&good[12..21], &[0x0b, 0x03, 0x09, 0x5a, 0x0c, 0, 1, 8, 10]);
+        let with = |at: usize, byte: u8| {
+            let mut b = good.clone();
+            b[at] = byte;
+            b
+        };
+        let rx_end = 21 + 10;
+        assert!(matches!(refused(&with(0, 9)), StateError::Version { .. }));
+        assert!(matches!(refused(&with(3, b'x')), StateError::Model(_)));
+        for (at, byte) in [
+            (12, 0x10),          // IER
+            (14, 0x20),          // MCR
+            (18, 2),             // FIFO enable
+            (19, 3),             // trigger
+            (rx_end, 2),         // THRE latch
+            (rx_end + 1, 0x10),  // MSR deltas
+            (rx_end + 2, 0),     // the line, though an interrupt is pending
+            (rx_end + 3 + 5, 0), // published LSR
+            (rx_end + 3 + 6, 1), // an offset that is not shadowed
+            (14, 0x01),          // MCR without OUT2: the line goes low
+        ] {
+            assert!(
+                matches!(refused(&with(at, byte)), StateError::Invalid(_)),
+                "byte {at} = {byte:#x}"
+            );
+        }
+        // More data than the FIFO holds: 17 bytes, or 2 without the FIFO.
+        let fill = |fifo: u8, n: u8| {
+            let mut b = good[..18].to_vec();
+            b.extend([fifo, 8, n]);
+            b.extend(std::iter::repeat_n(b'z', n.into()));
+            b.extend(&good[rx_end..]);
+            b
+        };
+        assert!(Uart::new().restore(&fill(1, 16)).is_ok());
+        assert!(matches!(refused(&fill(1, 17)), StateError::Invalid(_)));
+        assert!(matches!(refused(&fill(0, 2)), StateError::Invalid(_)));
+        let mut edu = Vec::new();
+        crate::edu::Edu::new().save(&mut edu);
+        assert!(matches!(refused(&edu), StateError::Model(_)));
+        // Whatever the bytes, no panic.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let mut b = good.clone();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x >> 16) as usize % b.len();
+            b[at] = x as u8;
+            b.truncate(b.len() - (x >> 40) as usize % 3);
+            let mut u = Uart::new();
+            if u.restore(&b).is_ok() {
+                assert_eq!(saved(&u), b);
+            }
+        }
     }
 }

@@ -14,6 +14,10 @@ const CONTROL: Port = unsafe { Port::new(0x502) };
 /// Control command: kill the emulator process of a device, and return once it
 /// has exited.
 pub const CONTROL_KILL_EMULATOR: u8 = 1;
+/// Control command: kill the emulator process of a device after a delay the
+/// VMM draws at random (seeded, up to its `--kill-delay-us`), and return at
+/// once: the kill lands somewhere in what the guest does next.
+pub const CONTROL_KILL_EMULATOR_LATER: u8 = 2;
 
 /// Ends the VM with `status` (0: success).
 ///

@@ -207,7 +207,9 @@ fn page_size() -> usize {
 /// reply to loads, publish the shadow image.
 ///
 /// Consume either from the ring ([`Backend::consume`], no syscall per
-/// record) or with [`Backend::read`]; not both from concurrent threads.
+/// record; or [`Backend::peek_max`], then [`Backend::advance`] once the
+/// records' effects are durable) or with [`Backend::read`]; not both from
+/// concurrent threads.
 #[derive(Debug)]
 pub struct Backend {
     ring: MmapRegion,
@@ -277,15 +279,26 @@ impl Backend {
     /// As [`Backend::consume`], but takes at most `max` records: those that
     /// [`Backend::pending`] counted, for a caller that must look at
     /// something else between seeing records arrive and handling them.
-    pub fn consume_max(&self, max: u32, mut handle: impl FnMut(&Access)) -> Result<u32> {
+    pub fn consume_max(&self, max: u32, handle: impl FnMut(&Access)) -> Result<u32> {
+        let n = self.peek_max(max, handle)?;
+        if n > 0 {
+            self.advance(n)?;
+        }
+        Ok(n)
+    }
+
+    /// Hands up to `max` pending records to `handle`, in order, without
+    /// consuming them; returns how many. They stay in the ring, and are
+    /// handed out again by the next peek or consume, until
+    /// [`Backend::advance`] passes them: for a backend that must make a
+    /// batch's effects durable before the kernel may forget the batch (a
+    /// successor after a crash sees the records again).
+    pub fn peek_max(&self, max: u32, mut handle: impl FnMut(&Access)) -> Result<u32> {
         let head = self.ring_u32(sys::RING_HEAD_OFFSET).load(Ordering::Acquire);
         let tail = self.ring_u32(sys::RING_TAIL_OFFSET).load(Ordering::Relaxed);
         // The kernel never has more than `entries` pending; anything else is
         // a tail that someone else (a read() in another thread) moved.
         let n = head.wrapping_sub(tail).min(self.entries).min(max);
-        if n == 0 {
-            return Ok(0);
-        }
         for i in 0..n {
             let slot = (tail.wrapping_add(i) & (self.entries - 1)) as usize;
             // The kernel wrote the record before releasing `head` and leaves
@@ -297,8 +310,21 @@ impl Backend {
                 .load();
             handle(&Access::from(&record));
         }
-        self.move_tail(tail.wrapping_add(n))?;
         Ok(n)
+    }
+
+    /// Marks the first `n` pending records consumed: those a
+    /// [`Backend::peek_max`] handed out, once everything they ask for is
+    /// done (as for [`Backend::consume`]). More than are pending is an
+    /// error, and moves nothing.
+    pub fn advance(&self, n: u32) -> Result<()> {
+        let head = self.ring_u32(sys::RING_HEAD_OFFSET).load(Ordering::Acquire);
+        let tail = self.ring_u32(sys::RING_TAIL_OFFSET).load(Ordering::Relaxed);
+        let pending = head.wrapping_sub(tail).min(self.entries);
+        if n > pending {
+            return Err(Error::NotPending { n, pending });
+        }
+        self.move_tail(tail.wrapping_add(n))
     }
 
     /// Marks the records before `tail` consumed: the one place the ring's
@@ -757,6 +783,54 @@ mod tests {
         assert!(shadow.write(4096, 0u8).is_err());
         assert!(shadow.write(usize::MAX, 0u8).is_err());
         shadow.write(4088, u64::MAX).unwrap();
+    }
+
+    // The test plays the kernel on a ring of 8 records in a memfd, through
+    // a mapping of its own; no flag asks for a wakeup.
+    #[test]
+    fn peek_leaves_records_until_advance() {
+        let fd = memfd();
+        let file = Arc::new(File::from(fd.try_clone().unwrap()));
+        let kernel = map(&file, 4096, 0, "mmap").unwrap();
+        let field = |offset| kernel.get_atomic_ref::<AtomicU32>(offset).unwrap();
+        field(sys::RING_ENTRIES_OFFSET).store(8, Ordering::Relaxed);
+        let backend = Backend::new(fd).unwrap();
+        for seq in 1..=3u64 {
+            let slot = (seq - 1) as usize;
+            let record = sys::kvm_user_access {
+                seq,
+                len: 4,
+                op: sys::KVM_USER_OP_STORE,
+                ..Default::default()
+            };
+            kernel
+                .get_ref::<sys::kvm_user_access>(sys::RING_RECORDS_OFFSET + slot * RECORD)
+                .unwrap()
+                .store(record);
+        }
+        field(sys::RING_HEAD_OFFSET).store(3, Ordering::Release);
+        let tail = || field(sys::RING_TAIL_OFFSET).load(Ordering::Acquire);
+        let peek = |max| {
+            let mut seen = Vec::new();
+            backend.peek_max(max, |a| seen.push(a.seq)).unwrap();
+            seen
+        };
+        assert_eq!(peek(u32::MAX), [1, 2, 3]);
+        assert_eq!(peek(u32::MAX), [1, 2, 3], "still there");
+        assert_eq!(peek(2), [1, 2]);
+        assert_eq!(tail(), 0);
+        backend.advance(2).unwrap();
+        assert_eq!((tail(), backend.pending()), (2, 1));
+        assert!(matches!(
+            backend.advance(2),
+            Err(Error::NotPending { n: 2, pending: 1 })
+        ));
+        assert_eq!(tail(), 2, "nothing moved");
+        assert_eq!(peek(u32::MAX), [3]);
+        let mut seen = Vec::new();
+        assert_eq!(backend.consume(|a| seen.push(a.seq)).unwrap(), 1);
+        assert_eq!((seen, tail(), backend.pending()), (vec![3], 3, 0));
+        backend.advance(0).unwrap();
     }
 
     fn memfd() -> OwnedFd {

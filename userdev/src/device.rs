@@ -72,6 +72,8 @@ impl Features {
     pub const PASS_STORES: Features = Features(sys::KVM_USER_F_PASS_STORES);
     /// Access map entries may batch stores.
     pub const BATCH_STORES: Features = Features(sys::KVM_USER_F_BATCH_STORES);
+    /// A released backend's queue can wait for the next backend.
+    pub const KEEP_QUEUE: Features = Features(sys::KVM_USER_F_KEEP_QUEUE);
 
     pub fn from_bits(bits: u64) -> Self {
         Features(bits)
@@ -254,6 +256,20 @@ impl UserDevice {
             sys::KVM_DEV_USER_CONFIG_BATCH_US,
             us as u64,
             "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_BATCH_US)",
+        )
+    }
+
+    /// Whether releasing the backend keeps its queue for the next one (the
+    /// kernel's default) or drops it: stores lost, waiting loads failed.
+    pub fn set_keep_queue(&self, keep: bool) -> Result<()> {
+        self.set_config(
+            sys::KVM_DEV_USER_CONFIG_RELEASE,
+            if keep {
+                sys::KVM_USER_RELEASE_KEEP
+            } else {
+                sys::KVM_USER_RELEASE_DROP
+            },
+            "KVM_SET_DEVICE_ATTR(KVM_DEV_USER_CONFIG_RELEASE)",
         )
     }
 

@@ -63,6 +63,8 @@ pub enum Error {
         "KVM_USER_SET_ACCESS_MAP: refused: an entry names a bad range, size, span or shadow offset"
     )]
     MapInvalid,
+    #[error("cannot consume {n} records of the ring: {pending} are pending")]
+    NotPending { n: u32, pending: u32 },
     #[error("{op}: {source}")]
     Os {
         op: &'static str,

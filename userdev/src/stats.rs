@@ -22,11 +22,13 @@ pub struct Stats {
     pub stalled_accesses: u64,
     /// Posted stores queued without waking the backend (batched).
     pub batched_stores: u64,
+    /// Records a released backend had not consumed, kept for the next one.
+    pub kept_records: u64,
 }
 
 /// Every counter's name and its attribute in `KVM_DEV_USER_GRP_STATS`, in
 /// the uAPI's order, which is also the order of [`Stats::fields_mut`].
-pub(crate) const COUNTERS: [(&str, u64); 9] = [
+pub(crate) const COUNTERS: [(&str, u64); 10] = [
     ("posted_stores", sys::KVM_DEV_USER_STAT_POSTED_STORES),
     ("shadow_loads", sys::KVM_DEV_USER_STAT_SHADOW_LOADS),
     ("forwarded_loads", sys::KVM_DEV_USER_STAT_FORWARDED_LOADS),
@@ -36,11 +38,12 @@ pub(crate) const COUNTERS: [(&str, u64); 9] = [
     ("detached_loads", sys::KVM_DEV_USER_STAT_DETACHED_LOADS),
     ("stalled_accesses", sys::KVM_DEV_USER_STAT_STALLED_ACCESSES),
     ("batched_stores", sys::KVM_DEV_USER_STAT_BATCHED_STORES),
+    ("kept_records", sys::KVM_DEV_USER_STAT_KEPT_RECORDS),
 ];
 
 impl Stats {
     /// The counters, in the order of [`COUNTERS`].
-    pub(crate) fn fields_mut(&mut self) -> [&mut u64; 9] {
+    pub(crate) fn fields_mut(&mut self) -> [&mut u64; 10] {
         [
             &mut self.posted_stores,
             &mut self.shadow_loads,
@@ -51,11 +54,12 @@ impl Stats {
             &mut self.detached_loads,
             &mut self.stalled_accesses,
             &mut self.batched_stores,
+            &mut self.kept_records,
         ]
     }
 
     /// Every counter by name, in the uAPI's order.
-    pub fn counters(&self) -> [(&'static str, u64); 9] {
+    pub fn counters(&self) -> [(&'static str, u64); 10] {
         let mut values = *self;
         let values = values.fields_mut().map(|v| *v);
         std::array::from_fn(|i| (COUNTERS[i].0, values[i]))

@@ -18,6 +18,7 @@ pub const KVM_DEV_USER_CONFIG_TIMEOUT_US: u64 = 0;
 pub const KVM_DEV_USER_CONFIG_POLL_NS: u64 = 1;
 pub const KVM_DEV_USER_CONFIG_HANDOFF: u64 = 2;
 pub const KVM_DEV_USER_CONFIG_BATCH_US: u64 = 3;
+pub const KVM_DEV_USER_CONFIG_RELEASE: u64 = 4;
 pub const KVM_DEV_USER_GRP_STATS: u32 = 3;
 pub const KVM_DEV_USER_STAT_POSTED_STORES: u64 = 0;
 pub const KVM_DEV_USER_STAT_SHADOW_LOADS: u64 = 1;
@@ -28,6 +29,7 @@ pub const KVM_DEV_USER_STAT_QUEUE_FULL_WAITS: u64 = 5;
 pub const KVM_DEV_USER_STAT_DETACHED_LOADS: u64 = 6;
 pub const KVM_DEV_USER_STAT_STALLED_ACCESSES: u64 = 7;
 pub const KVM_DEV_USER_STAT_BATCHED_STORES: u64 = 8;
+pub const KVM_DEV_USER_STAT_KEPT_RECORDS: u64 = 9;
 /// Get only.
 pub const KVM_DEV_USER_GRP_INFO: u32 = 4;
 pub const KVM_DEV_USER_INFO_FEATURES: u64 = 0;
@@ -39,6 +41,11 @@ pub const KVM_DEV_USER_INFO_MAX_SHADOW_SIZE: u64 = 3;
 pub const KVM_USER_F_NONPOSTED: u64 = 1 << 0;
 pub const KVM_USER_F_PASS_STORES: u64 = 1 << 1;
 pub const KVM_USER_F_BATCH_STORES: u64 = 1 << 2;
+pub const KVM_USER_F_KEEP_QUEUE: u64 = 1 << 3;
+
+/// Values of `KVM_DEV_USER_CONFIG_RELEASE`.
+pub const KVM_USER_RELEASE_KEEP: u64 = 0;
+pub const KVM_USER_RELEASE_DROP: u64 = 1;
 
 pub const KVM_USER_MAX_RANGES: u16 = 16;
 pub const KVM_USER_BUS_MMIO: u32 = 0;

@@ -1,5 +1,7 @@
 //! A PCI device whose BAR0 is served by an emulator process, and the
-//! supervision of that process: start, report its end, restart.
+//! supervision of that process: start, report its end, restart. The
+//! device's state region (with the user device) outlives its emulators: a
+//! restarted one continues from the state its predecessor committed.
 //!
 //! Normally BAR0 is a user device and the emulator takes the accesses from
 //! its ring. For comparison, the transport can instead be a socket: BAR0
@@ -87,6 +89,8 @@ pub enum DeviceError {
     },
     #[error("handoff: {0}")]
     Handoff(#[from] handoff::HandoffError),
+    #[error("{0}")]
+    State(#[from] emulator::state::RegionError),
     #[error("{op}: {source}")]
     Kvm {
         op: &'static str,
@@ -128,6 +132,10 @@ pub struct EmulatedDevice {
     memory: Vec<MemRegion>,
     irqs: Irqfds,
     console: Option<Console>,
+    /// The device's state region ([`emulator::state`]), with the user
+    /// device: made once, handed to every emulator of the device, so that
+    /// a restarted one continues where the last one stopped.
+    state_region: Option<std::fs::File>,
     state: Mutex<Supervised>,
     ended: Condvar,
     /// Socket transport: the next access's sequence number, and loads
@@ -214,6 +222,9 @@ impl EmulatedDevice {
                     device.set_timeout(t)?;
                 }
                 spec.tuning.apply(&device)?;
+                // Without a successor nobody takes a kept queue over: the
+                // guest is better served by failing at once.
+                device.set_keep_queue(spec.restart)?;
                 Some(device)
             }
             Transport::Socket => None,
@@ -224,6 +235,10 @@ impl EmulatedDevice {
                 .try_clone_to_owned()
                 .map_err(io("dup memory fd"))?,
         );
+        let state_region = match &user_device {
+            Some(_) => Some(std::fs::File::from(emulator::state::create_file()?)),
+            None => None,
+        };
         Ok(Arc::new(EmulatedDevice {
             name,
             user_device,
@@ -232,6 +247,7 @@ impl EmulatedDevice {
             memory,
             irqs,
             console,
+            state_region,
             state: Mutex::new(Supervised {
                 child: None,
                 control: None,
@@ -412,6 +428,10 @@ impl EmulatedDevice {
             batch: self.spec.batch.clone(),
             transport: self.spec.transport,
             console: self.console.is_some(),
+            state_region: self
+                .state_region
+                .as_ref()
+                .map(|_| emulator::state::STATE_REGION_SIZE as u64),
         };
         // In the order the handoff defines.
         let mut fds: Vec<&dyn AsRawFd> = vec![&accesses, &self.memory_file];
@@ -425,6 +445,9 @@ impl EmulatedDevice {
         }
         if let Some(c) = &self.console {
             fds.extend([&c.input as &dyn AsRawFd, &c.output]);
+        }
+        if let Some(region) = &self.state_region {
+            fds.push(region);
         }
         // If the emulator died already, the send fails or goes nowhere; the
         // supervisor reports its end either way.

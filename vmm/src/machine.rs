@@ -34,9 +34,12 @@ pub const DEBUGCON_PORT: u16 = 0xe9;
 /// port; QEMU exits with `value << 1 | 1` instead).
 pub const EXIT_PORT: u16 = 0x501;
 /// Control (this VMM only): `(command << 8) | device index`; command 1
-/// kills that device's emulator and returns once it has ended.
+/// kills that device's emulator and returns once it has ended, command 2
+/// kills it after a random delay ([`Config::kill_delay`]) and returns at
+/// once.
 pub const CONTROL_PORT: u16 = 0x502;
 const CONTROL_KILL: u32 = 1;
+const CONTROL_KILL_LATER: u32 = 2;
 /// The i8042 keyboard controller's command port: command 0xfe pulses the
 /// reset line, the way Linux reboots a PC without ACPI.
 const I8042_COMMAND: u16 = 0x64;
@@ -75,6 +78,10 @@ pub struct Config {
     /// process sleeps on: the floor for a store that wakes its consumer.
     pub woken_doorbell: Option<u64>,
     pub timeout: Option<std::time::Duration>,
+    /// The longest delay of a kill the guest asks for with command 2, and
+    /// the seed of the delays: the same seed gives the same delays.
+    pub kill_delay: std::time::Duration,
+    pub kill_seed: u64,
 }
 
 /// Who serves the devices' BAR0.
@@ -205,6 +212,9 @@ struct Shared {
     devices: Mutex<Devices>,
     _doorbell: Option<EventFd>,
     _woken_doorbell: Option<EventFd>,
+    /// The delays of delayed kills: the longest, and the generator's state.
+    kill_delay: std::time::Duration,
+    kill_rng: Mutex<u64>,
     vm: VmFd,
     _kvm: Kvm,
     _ram: Ram,
@@ -312,6 +322,9 @@ impl Machine {
                 devices: Mutex::new(devices),
                 _doorbell: doorbell,
                 _woken_doorbell: woken_doorbell,
+                kill_delay: config.kill_delay,
+                // xorshift gets stuck at 0.
+                kill_rng: Mutex::new(config.kill_seed | 1),
                 vm,
                 _kvm: kvm,
                 _ram: ram,
@@ -491,6 +504,15 @@ impl Shared {
         }
     }
 
+    /// The next of the seeded delays, as a fraction in [0, 1) (xorshift64).
+    fn next_random_fraction(&self) -> f64 {
+        let mut x = self.kill_rng.lock().expect("kill rng lock");
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     fn control(&self, value: u32) {
         let (command, index) = (value >> 8, (value & 0xff) as usize);
         // Not under the devices lock: killing waits for the emulator's end.
@@ -503,6 +525,25 @@ impl Shared {
                 eprintln!("vmm: guest asks to kill the emulator of {}", dev.name);
                 if let Err(e) = dev.kill_emulator() {
                     eprintln!("vmm: {}: {e}", dev.name);
+                }
+            }
+            (CONTROL_KILL_LATER, Some(dev)) => {
+                let delay = self.kill_delay.mul_f64(self.next_random_fraction());
+                eprintln!(
+                    "vmm: guest asks to kill the emulator of {} in {} us",
+                    dev.name,
+                    delay.as_micros()
+                );
+                let spawned = std::thread::Builder::new()
+                    .name(format!("kill-{}", dev.name))
+                    .spawn(move || {
+                        std::thread::sleep(delay);
+                        if let Err(e) = dev.kill_emulator() {
+                            eprintln!("vmm: {}: {e}", dev.name);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("vmm: kill thread: {e}");
                 }
             }
             _ => eprintln!("vmm: unknown control request {value:#x}"),

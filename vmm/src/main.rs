@@ -97,6 +97,13 @@ struct Args {
     /// Give up (exit 124) if the guest has not finished after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// The longest delay, in µs, of the emulator kills a payload asks for
+    /// at random moments (control command 2).
+    #[arg(long, default_value_t = 50_000)]
+    kill_delay_us: u64,
+    /// The seed of those delays.
+    #[arg(long, default_value_t = 1)]
+    kill_seed: u64,
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -159,6 +166,8 @@ fn main() {
         doorbell: args.doorbell,
         woken_doorbell: args.woken_doorbell,
         timeout: args.timeout.map(Duration::from_secs),
+        kill_delay: Duration::from_micros(args.kill_delay_us),
+        kill_seed: args.kill_seed,
     };
     let code = run(&config);
     vmm::console::restore();

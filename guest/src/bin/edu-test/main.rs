@@ -1,8 +1,8 @@
 //! edu-test: exercises QEMU's edu device, or our emulator of it.
 //!
-//! Command line (all optional): `mode=full|kill|kill-restart|dead` (default
-//! full) and `devices=N`, the number of edu devices expected (default: at
-//! least one). Prints TAP-like results and exits with status 0 if all
+//! Command line (all optional): `mode=full|kill|kill-restart|dead|survive`
+//! (default full), `devices=N`, the number of edu devices expected (default:
+//! at least one), and `rounds=N` for mode=survive (default 20). Prints TAP-like results and exits with status 0 if all
 //! passed, 1 otherwise.
 
 #![no_std]
@@ -11,6 +11,7 @@
 mod edu;
 mod full;
 mod kill;
+mod survive;
 mod tap;
 
 use kvm_userdev_guest::{apic, cpu, entry, interrupts, pci, platform, println};
@@ -30,11 +31,15 @@ enum Mode {
     KillRestart,
     /// Device 0's emulator died before the guest started.
     Dead,
+    /// Rounds of device 0's features, its emulator killed at a random
+    /// moment of each and restarted: every answer must be right.
+    Survive,
 }
 
 struct Options {
     mode: Mode,
     devices: Option<usize>,
+    rounds: u32,
 }
 
 impl Options {
@@ -42,6 +47,7 @@ impl Options {
         let mut options = Options {
             mode: Mode::Full,
             devices: None,
+            rounds: 20,
         };
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
@@ -51,10 +57,12 @@ impl Options {
                         "kill" => Mode::Kill,
                         "kill-restart" => Mode::KillRestart,
                         "dead" => Mode::Dead,
+                        "survive" => Mode::Survive,
                         _ => return Err(word),
                     }
                 }
                 Some(("devices", n)) => options.devices = Some(n.parse().map_err(|_| word)?),
+                Some(("rounds", n)) => options.rounds = n.parse().map_err(|_| word)?,
                 _ => println!("# ignoring {word}"),
             }
         }
@@ -112,6 +120,7 @@ fn main(cmdline: &'static str) -> ! {
         (Mode::Kill, Some(edu)) => kill::kill(&mut t, edu, false),
         (Mode::KillRestart, Some(edu)) => kill::kill(&mut t, edu, true),
         (Mode::Dead, Some(edu)) => kill::dead(&mut t, edu),
+        (Mode::Survive, Some(edu)) => survive::run(&mut t, edu, options.rounds),
         (mode, None) => println!("# no usable edu device 0: nothing to test in mode {mode:?}"),
     }
     t.eq(
