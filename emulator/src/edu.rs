@@ -325,6 +325,7 @@ impl DeviceModel for Edu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::state_tests::{refused, refuses_wrong_lengths, saved};
     use std::collections::BTreeMap;
 
     #[derive(Default)]
@@ -505,12 +506,6 @@ mod tests {
         (edu, env)
     }
 
-    fn saved(edu: &Edu) -> Vec<u8> {
-        let mut out = Vec::new();
-        edu.save(&mut out);
-        out
-    }
-
     #[test]
     fn state_round_trip() {
         let (edu, env) = busy();
@@ -549,18 +544,8 @@ mod tests {
     fn bad_states_refused() {
         let (mut edu, _) = busy();
         let good = saved(&edu);
-        let refused = |bytes: &[u8]| {
-            let mut e = Edu::new();
-            let err = e.restore(bytes).unwrap_err();
-            assert_eq!(saved(&e), saved(&Edu::new()), "left as it was");
-            err
-        };
-        for n in 0..good.len() {
-            assert_eq!(refused(&good[..n]), StateError::Truncated, "{n} bytes");
-        }
-        let mut long = good.clone();
-        long.push(0);
-        assert_eq!(refused(&long), StateError::Trailing(1));
+        let refused = |bytes: &[u8]| refused(Edu::new, bytes);
+        refuses_wrong_lengths(Edu::new, &good);
         let with = |at: usize, bytes: &[u8]| {
             let mut b = good.clone();
             b[at..at + bytes.len()].copy_from_slice(bytes);

@@ -274,3 +274,40 @@ pub fn by_name(name: &str) -> Option<Box<dyn DeviceModel>> {
         _ => None,
     }
 }
+
+/// What the models' state tests share.
+#[cfg(test)]
+pub(crate) mod state_tests {
+    use super::{DeviceModel, StateError};
+
+    /// The model's state as [`DeviceModel::save`] writes it.
+    pub fn saved(model: &dyn DeviceModel) -> Vec<u8> {
+        let mut out = Vec::new();
+        model.save(&mut out);
+        out
+    }
+
+    /// Why a model fresh from `fresh` refuses `bytes`; a refused state
+    /// must leave it as it was.
+    pub fn refused<M: DeviceModel>(fresh: impl Fn() -> M, bytes: &[u8]) -> StateError {
+        let mut model = fresh();
+        let err = model.restore(bytes).unwrap_err();
+        assert_eq!(saved(&model), saved(&fresh()), "left as it was");
+        err
+    }
+
+    /// `good` cut short anywhere is truncated, one byte longer trailing.
+    pub fn refuses_wrong_lengths<M: DeviceModel>(fresh: impl Fn() -> M, good: &[u8]) {
+        for n in 0..good.len() {
+            assert_eq!(
+                refused(&fresh, &good[..n]),
+                StateError::Truncated,
+                "{n} bytes"
+            );
+        }
+        assert_eq!(
+            refused(&fresh, &[good, &[0]].concat()),
+            StateError::Trailing(1)
+        );
+    }
+}

@@ -570,6 +570,7 @@ impl DeviceModel for Uart {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::state_tests::{refused, refuses_wrong_lengths, saved};
     use std::collections::BTreeMap;
 
     // serial_reg.h values the driver sequences below use.
@@ -1131,12 +1132,6 @@ mod tests {
         assert!(crate::model::by_name("uart16550a").is_some());
     }
 
-    fn saved(uart: &Uart) -> Vec<u8> {
-        let mut out = Vec::new();
-        uart.save(&mut out);
-        out
-    }
-
     /// A bus whose UART took over `state`, as a restarted emulator's:
     /// a fresh image published, the line as the model has it.
     fn restored(state: &[u8]) -> Bus {
@@ -1205,19 +1200,8 @@ mod tests {
     #[test]
     fn bad_states_refused() {
         let good = saved(&busy().uart);
-        let refused = |bytes: &[u8]| {
-            let mut u = Uart::new();
-            let err = u.restore(bytes).unwrap_err();
-            assert_eq!(saved(&u), saved(&Uart::new()), "left as it was");
-            err
-        };
-        for n in 0..good.len() {
-            assert_eq!(refused(&good[..n]), StateError::Truncated, "{n} bytes");
-        }
-        assert_eq!(
-            refused(&[&good[..], &[0]].concat()),
-            StateError::Trailing(1)
-        );
+        let refused = |bytes: &[u8]| refused(Uart::new, bytes);
+        refuses_wrong_lengths(Uart::new, &good);
         // Version, the tag (10 bytes), then IER at 12, LCR, MCR, SCR, DLL,
         // DLM, FIFO enable at 18, trigger, FIFO length at 20, its bytes,
         // THRE latch, MSR deltas, line, published image.
