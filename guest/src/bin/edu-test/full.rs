@@ -18,8 +18,9 @@ const QUIET_MS: u64 = 50;
 /// Where the BAR goes in the last test, from its first place.
 const BAR_MOVE: u32 = 0x0080_0000;
 
-static SOURCE: DmaBuffer<{ edu::DMA_BUFFER_SIZE }> = DmaBuffer::new();
-static TARGET: DmaBuffer<{ edu::DMA_BUFFER_SIZE }> = DmaBuffer::new();
+/// The RAM side of DMA transfers (mode=survive uses them too).
+pub static SOURCE: DmaBuffer<{ edu::DMA_BUFFER_SIZE }> = DmaBuffer::new();
+pub static TARGET: DmaBuffer<{ edu::DMA_BUFFER_SIZE }> = DmaBuffer::new();
 
 pub fn run(t: &mut Tap, edu: &mut Edu) {
     let i = edu.index;
@@ -80,6 +81,16 @@ fn intx(t: &mut Tap, edu: &Edu) {
 /// The same over MSI, and DMA completion interrupts. INTx stays masked at
 /// the IOAPIC, so an interrupt that comes must be an MSI.
 fn msi(t: &mut Tap, edu: &Edu) {
+    with_msi(t, edu, MSI_VECTOR, |t| {
+        factorial_interrupt(t, edu, "MSI", MSI_VECTOR);
+        raise_interrupt(t, edu, "MSI", MSI_VECTOR, 0x5678);
+        dma(t, edu, Completion::Interrupt(MSI_VECTOR));
+    });
+}
+
+/// Runs `body` with the device's MSI on, to `vector`, and the interrupt
+/// handler there; a device without the capability fails the test.
+pub fn with_msi(t: &mut Tap, edu: &Edu, vector: u8, body: impl FnOnce(&mut Tap)) {
     let i = edu.index;
     let Some(msi) = edu.pci.msi() else {
         t.fail(
@@ -93,13 +104,11 @@ fn msi(t: &mut Tap, edu: &Edu) {
         "edu{i}: MSI capability at {:#x}, {bits}-bit addresses",
         msi.offset()
     ));
-    interrupts::set_handler(MSI_VECTOR, irq::handler);
-    msi.enable(apic::msi_address(), MSI_VECTOR.into());
-    factorial_interrupt(t, edu, "MSI", MSI_VECTOR);
-    raise_interrupt(t, edu, "MSI", MSI_VECTOR, 0x5678);
-    dma(t, edu, Completion::Interrupt(MSI_VECTOR));
+    interrupts::set_handler(vector, irq::handler);
+    msi.enable(apic::msi_address(), vector.into());
+    body(t);
     msi.disable();
-    interrupts::clear_handler(MSI_VECTOR);
+    interrupts::clear_handler(vector);
 }
 
 /// Computes 10! with the completion interrupt enabled.

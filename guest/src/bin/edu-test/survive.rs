@@ -5,48 +5,34 @@
 //! all-ones, no lost store, no lost interrupt. A duplicate interrupt is
 //! allowed (a successor re-raises an interrupt it cannot tell was sent).
 
-use kvm_userdev_guest::apic;
 use kvm_userdev_guest::cpu::wait_until;
-use kvm_userdev_guest::dma::DmaBuffer;
-use kvm_userdev_guest::interrupts;
 use kvm_userdev_guest::platform::{self, CONTROL_KILL_EMULATOR_LATER};
 
 use crate::edu::{self, Edu, TIMEOUT_MS, irq};
+use crate::full::{SOURCE, TARGET, with_msi};
 use crate::tap::Tap;
 
 const MSI_VECTOR: u8 = 0x42;
 
-static SOURCE: DmaBuffer<{ edu::DMA_BUFFER_SIZE }> = DmaBuffer::new();
-static TARGET: DmaBuffer<{ edu::DMA_BUFFER_SIZE }> = DmaBuffer::new();
-
 pub fn run(t: &mut Tap, edu: &Edu, rounds: u32) {
-    let i = edu.index;
-    let Some(msi) = edu.pci.msi() else {
-        t.fail(
-            format_args!("edu{i}: MSI capability"),
-            format_args!("not found"),
-        );
-        return;
-    };
-    interrupts::set_handler(MSI_VECTOR, irq::handler);
-    msi.enable(apic::msi_address(), MSI_VECTOR.into());
-    let mut failed = 0;
-    for round in 0..rounds {
-        platform::control(CONTROL_KILL_EMULATOR_LATER, i as u8);
-        if let Err(e) = one_round(edu, round) {
-            failed += 1;
-            t.fail(format_args!("edu{i}: round {round}"), format_args!("{e}"));
+    with_msi(t, edu, MSI_VECTOR, |t| {
+        let i = edu.index;
+        let mut failed = 0;
+        for round in 0..rounds {
+            platform::control(CONTROL_KILL_EMULATOR_LATER, i as u8);
+            if let Err(e) = one_round(edu, round) {
+                failed += 1;
+                t.fail(format_args!("edu{i}: round {round}"), format_args!("{e}"));
+            }
         }
-    }
-    // The last kill may still come: its successor must be waited for too.
-    let what = format_args!("edu{i}: {rounds} rounds with the emulator killed in each");
-    match one_round(edu, rounds) {
-        Ok(()) if failed == 0 => t.pass(what),
-        Ok(()) => t.fail(what, format_args!("{failed} rounds failed")),
-        Err(e) => t.fail(what, format_args!("the last check: {e}")),
-    }
-    msi.disable();
-    interrupts::clear_handler(MSI_VECTOR);
+        // The last kill may still come: its successor must be waited for too.
+        let what = format_args!("edu{i}: {rounds} rounds with the emulator killed in each");
+        match one_round(edu, rounds) {
+            Ok(()) if failed == 0 => t.pass(what),
+            Ok(()) => t.fail(what, format_args!("{failed} rounds failed")),
+            Err(e) => t.fail(what, format_args!("the last check: {e}")),
+        }
+    });
 }
 
 /// What went wrong in a round.
