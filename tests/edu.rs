@@ -366,9 +366,8 @@ fn restarted_emulator_answers_again() {
 /// queue waits in the kernel for the successor, which continues from the
 /// state its predecessor committed, so the guest sees nothing.
 #[test]
-#[ignore = "on the debug kernel no successor served within the 1 s a load may wait: issue 15"]
 fn emulator_killed_in_every_round_goes_unnoticed() {
-    const ROUNDS: usize = 25;
+    const ROUNDS: usize = 10;
     let cmdline = format!("mode=survive rounds={ROUNDS}");
     let run = vmm(
         &[

@@ -284,15 +284,33 @@ pub fn send_setup(
 /// What the emulator sends on the handoff socket once it serves the device:
 /// sandboxed, its shadow image and access map in place.
 pub const READY: &[u8] = b"ready";
+/// What the emulator sends first, once it is loaded and waits for its
+/// setup: a VMM may start it ahead of need and know when it is.
+pub const WAITING: &[u8] = b"waiting";
 
 /// Tells the VMM that the device is served ([`READY`]).
 pub fn send_ready(sock: &UnixDatagram) -> io::Result<()> {
     sock.send(READY).map(drop)
 }
 
+/// Tells the VMM that the emulator waits for its setup ([`WAITING`]).
+pub fn send_waiting(sock: &UnixDatagram) -> io::Result<()> {
+    sock.send(WAITING).map(drop)
+}
+
 /// Waits up to `timeout` for the emulator's [`READY`]. An error if it
 /// closed its end first (it died) or sent something else.
 pub fn wait_ready(sock: &UnixDatagram, timeout: Duration) -> io::Result<()> {
+    wait_for(sock, READY, timeout)
+}
+
+/// Waits up to `timeout` for the emulator's [`WAITING`], as
+/// [`wait_ready`] does for [`READY`].
+pub fn wait_waiting(sock: &UnixDatagram, timeout: Duration) -> io::Result<()> {
+    wait_for(sock, WAITING, timeout)
+}
+
+fn wait_for(sock: &UnixDatagram, message: &[u8], timeout: Duration) -> io::Result<()> {
     let mut buf = [0u8; 16];
     sock.set_read_timeout(Some(timeout))?;
     let len = sock.recv(&mut buf);
@@ -302,7 +320,7 @@ pub fn wait_ready(sock: &UnixDatagram, timeout: Duration) -> io::Result<()> {
             io::ErrorKind::UnexpectedEof,
             "the emulator closed its end",
         )),
-        n if &buf[..n] == READY => Ok(()),
+        n if &buf[..n] == message => Ok(()),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "the emulator sent something else",

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
 
-use emulator::handoff::{recv_setup, send_ready};
+use emulator::handoff::{recv_setup, send_ready, send_waiting};
 use emulator::model;
 use emulator::model::Env;
 use emulator::sandbox;
@@ -86,6 +86,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     // SAFETY: the VMM started us with the handoff socket at this descriptor,
     // which nothing else in this process owns.
     let control = unsafe { UnixDatagram::from_raw_fd(args.socket_fd) };
+    send_waiting(&control)?;
     let (setup, fds) = recv_setup(&control)?;
     control.set_nonblocking(true)?;
 

@@ -18,6 +18,9 @@ pub const CONTROL_KILL_EMULATOR: u8 = 1;
 /// VMM draws at random (seeded, up to its `--kill-delay-us`), and return at
 /// once: the kill lands somewhere in what the guest does next.
 pub const CONTROL_KILL_EMULATOR_LATER: u8 = 2;
+/// Control command: return once no kill of command 2 is pending for the
+/// device and an emulator serves it again.
+pub const CONTROL_WAIT_FOR_KILLS: u8 = 3;
 
 /// Ends the VM with `status` (0: success).
 ///

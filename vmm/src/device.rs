@@ -112,6 +112,12 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
 struct Supervised {
     child: Option<Child>,
     control: Option<UnixDatagram>,
+    /// With restart: the next emulator, started ahead and waiting for its
+    /// setup (it holds nothing of the guest's yet), so that a restart does
+    /// not wait for a process to be created and loaded.
+    standby: Option<(Child, UnixDatagram)>,
+    /// A delayed kill ([`EmulatedDevice::kill_emulator_later`]) is pending.
+    kill_pending: bool,
     /// With [`Transport::Socket`]: the VMM's end of the access socket.
     accesses: Option<Arc<UnixDatagram>>,
     /// Bumped whenever an emulator ends.
@@ -251,6 +257,8 @@ impl EmulatedDevice {
             state: Mutex::new(Supervised {
                 child: None,
                 control: None,
+                standby: None,
+                kill_pending: false,
                 accesses: None,
                 generation: 0,
                 exits: Vec::new(),
@@ -411,10 +419,10 @@ impl EmulatedDevice {
                 (theirs.into(), Some(Arc::new(vmm_end)))
             }
         };
-        let (ours, theirs) = handoff::socketpair().map_err(io("socketpair"))?;
-        let child = spawn::spawn(&self.spec.program, &self.spec.args, &theirs)
-            .map_err(io("start emulator"))?;
-        drop(theirs);
+        let (child, ours) = match st.standby.take() {
+            Some(standby) => standby,
+            None => self.spawn_emulator()?,
+        };
         let pci = matches!(self.irqs, Irqfds::Pci { .. });
         let setup = Setup {
             model: self.spec.model.clone(),
@@ -464,6 +472,40 @@ impl EmulatedDevice {
         Ok(())
     }
 
+    /// A new emulator process, loaded and waiting for its setup on the
+    /// socket whose other end is returned. One that does not say so in
+    /// time is still returned: its setup waits in the socket, and whether
+    /// it lives is the supervisor's business.
+    fn spawn_emulator(&self) -> Result<(Child, UnixDatagram), DeviceError> {
+        let (ours, theirs) = handoff::socketpair().map_err(io("socketpair"))?;
+        let child = spawn::spawn(&self.spec.program, &self.spec.args, &theirs)
+            .map_err(io("start emulator"))?;
+        drop(theirs);
+        if let Err(e) = handoff::wait_waiting(&ours, READY_TIMEOUT) {
+            eprintln!(
+                "vmm: {}: emulator pid {} is not waiting for its setup: {e}",
+                self.name, child.pid
+            );
+        }
+        Ok((child, ours))
+    }
+
+    /// With restart, starts the standby emulator if there is none, without
+    /// holding the device's lock while it loads. A failure only costs the
+    /// next restart its head start.
+    fn prepare_standby(&self) {
+        if !self.spec.restart || self.state.lock().expect("device lock").standby.is_some() {
+            return;
+        }
+        match self.spawn_emulator() {
+            Ok(standby) => {
+                self.state.lock().expect("device lock").standby = Some(standby);
+                self.ended.notify_all();
+            }
+            Err(e) => eprintln!("vmm: {}: standby emulator: {e}", self.name),
+        }
+    }
+
     /// A new backend fd, once the previous one is released: the kernel
     /// releases it when the last reference (the dead emulator's descriptor
     /// and mappings) goes, which is done by the time the process is reaped;
@@ -481,6 +523,7 @@ impl EmulatedDevice {
     }
 
     fn supervise(&self) {
+        self.prepare_standby();
         loop {
             let pid = match &self.state.lock().expect("device lock").child {
                 Some(c) => c.pid,
@@ -514,6 +557,15 @@ impl EmulatedDevice {
                 eprintln!("vmm: {}: no emulator; the guest sees all-ones", self.name);
                 return;
             }
+            // The next standby once this emulator serves: starting a
+            // process sooner would slow the take-over down.
+            let control = st.control.as_ref().and_then(|c| c.try_clone().ok());
+            drop(st);
+            if let Some(control) = control {
+                // An emulator that dies first closes its end: no wait.
+                let _ = handoff::wait_ready(&control, READY_TIMEOUT);
+            }
+            self.prepare_standby();
         }
     }
 
@@ -538,5 +590,55 @@ impl EmulatedDevice {
             st = self.ended.wait_timeout(st, left).expect("device lock").0;
         }
         Ok(())
+    }
+
+    /// Waits (at most [`READY_TIMEOUT`]) until no delayed kill is pending
+    /// and an emulator serves again.
+    pub fn wait_for_kills(&self) {
+        let mut st = self.state.lock().expect("device lock");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while st.kill_pending || st.child.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!("vmm: {}: a kill or restart did not end", self.name);
+                return;
+            }
+            st = self.ended.wait_timeout(st, left).expect("device lock").0;
+        }
+    }
+
+    /// Kills the current emulator after `delay`, without waiting for it.
+    /// Returns once the kill is armed: the previous delayed kill done, and
+    /// the emulator it hits serving with a successor on standby (at most
+    /// [`READY_TIMEOUT`]), so that kills never come faster than the VMM
+    /// restarts emulators.
+    pub fn kill_emulator_later(self: &Arc<Self>, delay: Duration) {
+        let mut st = self.state.lock().expect("device lock");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while st.kill_pending || st.child.is_none() || (self.spec.restart && st.standby.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!("vmm: {}: no emulator to kill", self.name);
+                return;
+            }
+            st = self.ended.wait_timeout(st, left).expect("device lock").0;
+        }
+        st.kill_pending = true;
+        drop(st);
+        let dev = self.clone();
+        let killer = std::thread::Builder::new()
+            .name(format!("kill-{}", self.name))
+            .spawn(move || {
+                std::thread::sleep(delay);
+                if let Err(e) = dev.kill_emulator() {
+                    eprintln!("vmm: {}: {e}", dev.name);
+                }
+                dev.state.lock().expect("device lock").kill_pending = false;
+                dev.ended.notify_all();
+            });
+        if let Err(e) = killer {
+            eprintln!("vmm: kill thread: {e}");
+            self.state.lock().expect("device lock").kill_pending = false;
+        }
     }
 }

@@ -35,11 +35,13 @@ pub const DEBUGCON_PORT: u16 = 0xe9;
 pub const EXIT_PORT: u16 = 0x501;
 /// Control (this VMM only): `(command << 8) | device index`; command 1
 /// kills that device's emulator and returns once it has ended, command 2
-/// kills it after a random delay ([`Config::kill_delay`]) and returns at
-/// once.
+/// kills it after a random delay ([`Config::kill_delay`]) and returns once
+/// that kill is armed ([`EmulatedDevice::kill_emulator_later`]), command 3
+/// returns once no such kill is pending and an emulator serves.
 pub const CONTROL_PORT: u16 = 0x502;
 const CONTROL_KILL: u32 = 1;
 const CONTROL_KILL_LATER: u32 = 2;
+const CONTROL_WAIT_FOR_KILLS: u32 = 3;
 /// The i8042 keyboard controller's command port: command 0xfe pulses the
 /// reset line, the way Linux reboots a PC without ACPI.
 const I8042_COMMAND: u16 = 0x64;
@@ -534,18 +536,9 @@ impl Shared {
                     dev.name,
                     delay.as_micros()
                 );
-                let spawned = std::thread::Builder::new()
-                    .name(format!("kill-{}", dev.name))
-                    .spawn(move || {
-                        std::thread::sleep(delay);
-                        if let Err(e) = dev.kill_emulator() {
-                            eprintln!("vmm: {}: {e}", dev.name);
-                        }
-                    });
-                if let Err(e) = spawned {
-                    eprintln!("vmm: kill thread: {e}");
-                }
+                dev.kill_emulator_later(delay);
             }
+            (CONTROL_WAIT_FOR_KILLS, Some(dev)) => dev.wait_for_kills(),
             _ => eprintln!("vmm: unknown control request {value:#x}"),
         }
     }

@@ -6,7 +6,7 @@
 //! allowed (a successor re-raises an interrupt it cannot tell was sent).
 
 use kvm_userdev_guest::cpu::wait_until;
-use kvm_userdev_guest::platform::{self, CONTROL_KILL_EMULATOR_LATER};
+use kvm_userdev_guest::platform::{self, CONTROL_KILL_EMULATOR_LATER, CONTROL_WAIT_FOR_KILLS};
 
 use crate::edu::{self, Edu, TIMEOUT_MS, irq};
 use crate::full::{SOURCE, TARGET, with_msi};
@@ -25,7 +25,8 @@ pub fn run(t: &mut Tap, edu: &Edu, rounds: u32) {
                 t.fail(format_args!("edu{i}: round {round}"), format_args!("{e}"));
             }
         }
-        // The last kill may still come: its successor must be waited for too.
+        // The last kill may still be pending: the device must work after it.
+        platform::control(CONTROL_WAIT_FOR_KILLS, i as u8);
         let what = format_args!("edu{i}: {rounds} rounds with the emulator killed in each");
         match one_round(edu, rounds) {
             Ok(()) if failed == 0 => t.pass(what),
