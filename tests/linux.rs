@@ -283,8 +283,10 @@ fn with_testbed_retry(label: &str, host: Host, attempt: impl Fn() -> Run) -> Run
     r
 }
 
-/// The pids of the running emulators, oldest first (the VMM starts them
-/// in device order: the UART, then edu 0, edu 1).
+/// The pids of the emulators that serve a device, oldest first (the VMM
+/// starts them in device order: the UART, then edu 0, edu 1). A standby
+/// emulator, started ahead for a restart, serves nothing yet: it has not
+/// entered its sandbox, which runs it as nobody.
 fn emulator_pids_now() -> Vec<i32> {
     let mut pids: Vec<(u64, i32)> = std::fs::read_dir("/proc")
         .expect("/proc")
@@ -292,6 +294,11 @@ fn emulator_pids_now() -> Vec<i32> {
         .filter_map(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
             if comm.trim() != "kvm-userdev-emu" {
+                return None;
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+            if uid.split_whitespace().next()? != emulator::sandbox::NOBODY.to_string() {
                 return None;
             }
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
