@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
@@ -572,38 +572,49 @@ impl EmulatedDevice {
     /// Kills the current emulator and waits until it has ended (and, with
     /// restart, a new one was started).
     pub fn kill_emulator(&self) -> Result<(), DeviceError> {
-        let mut st = self.state.lock().expect("device lock");
+        let st = self.state.lock().expect("device lock");
         let Some(child) = &st.child else {
             return Ok(());
         };
         spawn::kill(child).map_err(io("kill emulator"))?;
         let generation = st.generation;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while st.generation == generation {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(DeviceError::Io {
-                    op: "wait for the killed emulator",
-                    source: std::io::ErrorKind::TimedOut.into(),
-                });
-            }
-            st = self.ended.wait_timeout(st, left).expect("device lock").0;
+        let (_st, waited) = self.wait_while(st, Duration::from_secs(10), |st| {
+            st.generation == generation
+        });
+        if !waited {
+            return Err(DeviceError::Io {
+                op: "wait for the killed emulator",
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
         }
         Ok(())
+    }
+
+    /// Waits, at most `timeout`, while `busy` holds of the supervision
+    /// state (it changes under the lock, with `ended` notified); the guard,
+    /// and whether `busy` stopped holding.
+    fn wait_while<'a>(
+        &self,
+        st: MutexGuard<'a, Supervised>,
+        timeout: Duration,
+        busy: impl FnMut(&mut Supervised) -> bool,
+    ) -> (MutexGuard<'a, Supervised>, bool) {
+        let (st, result) = self
+            .ended
+            .wait_timeout_while(st, timeout, busy)
+            .expect("device lock");
+        (st, !result.timed_out())
     }
 
     /// Waits (at most [`READY_TIMEOUT`]) until no delayed kill is pending
     /// and an emulator serves again.
     pub fn wait_for_kills(&self) {
-        let mut st = self.state.lock().expect("device lock");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while st.kill_pending || st.child.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                eprintln!("vmm: {}: a kill or restart did not end", self.name);
-                return;
-            }
-            st = self.ended.wait_timeout(st, left).expect("device lock").0;
+        let st = self.state.lock().expect("device lock");
+        let (_st, waited) = self.wait_while(st, READY_TIMEOUT, |st| {
+            st.kill_pending || st.child.is_none()
+        });
+        if !waited {
+            eprintln!("vmm: {}: a kill or restart did not end", self.name);
         }
     }
 
@@ -613,15 +624,14 @@ impl EmulatedDevice {
     /// [`READY_TIMEOUT`]), so that kills never come faster than the VMM
     /// restarts emulators.
     pub fn kill_emulator_later(self: &Arc<Self>, delay: Duration) {
-        let mut st = self.state.lock().expect("device lock");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while st.kill_pending || st.child.is_none() || (self.spec.restart && st.standby.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                eprintln!("vmm: {}: no emulator to kill", self.name);
-                return;
-            }
-            st = self.ended.wait_timeout(st, left).expect("device lock").0;
+        let st = self.state.lock().expect("device lock");
+        let restart = self.spec.restart;
+        let (mut st, waited) = self.wait_while(st, READY_TIMEOUT, |st| {
+            st.kill_pending || st.child.is_none() || (restart && st.standby.is_none())
+        });
+        if !waited {
+            eprintln!("vmm: {}: no emulator to kill", self.name);
+            return;
         }
         st.kill_pending = true;
         drop(st);
