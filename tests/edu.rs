@@ -364,7 +364,10 @@ fn restarted_emulator_answers_again() {
 /// The guest runs edu's features in rounds while the VMM kills its
 /// emulator at a random moment of each (seeded) and starts another: the
 /// queue waits in the kernel for the successor, which continues from the
-/// state its predecessor committed, so the guest sees nothing.
+/// state its predecessor committed, so the guest sees nothing. `cargo
+/// xtask test` runs it on the plain kernel: on the debug kernel a restart
+/// takes longer than the 1 s a load may wait (README, *What survives an
+/// emulator crash*).
 #[test]
 fn emulator_killed_in_every_round_goes_unnoticed() {
     const ROUNDS: usize = 10;
