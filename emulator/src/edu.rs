@@ -325,7 +325,7 @@ impl DeviceModel for Edu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::state_tests::{refused, refuses_wrong_lengths, saved};
+    use crate::model::state_tests::{mangled, refused, refuses_wrong_lengths, saved};
     use std::collections::BTreeMap;
 
     #[derive(Default)]
@@ -576,15 +576,7 @@ mod tests {
         let before = saved(&edu);
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for round in 0..500 {
-            let mut b = good.clone();
-            for _ in 0..(round % 7 + 1) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let at = (x >> 16) as usize % b.len();
-                b[at] = x as u8;
-            }
-            b.truncate(b.len() - (x >> 40) as usize % 3);
+            let b = mangled(&good, round % 7 + 1, &mut x);
             if edu.restore(&b).is_ok() {
                 edu.restore(&before).unwrap();
             }

@@ -296,6 +296,21 @@ pub(crate) mod state_tests {
         err
     }
 
+    /// `good` with `changes` bytes replaced at random and up to two cut off
+    /// its end, drawn from the xorshift state `x`.
+    pub fn mangled(good: &[u8], changes: usize, x: &mut u64) -> Vec<u8> {
+        let mut b = good.to_vec();
+        for _ in 0..changes {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            let at = (*x >> 16) as usize % b.len();
+            b[at] = *x as u8;
+        }
+        b.truncate(b.len() - (*x >> 40) as usize % 3);
+        b
+    }
+
     /// `good` cut short anywhere is truncated, one byte longer trailing.
     pub fn refuses_wrong_lengths<M: DeviceModel>(fresh: impl Fn() -> M, good: &[u8]) {
         for n in 0..good.len() {

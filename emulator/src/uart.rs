@@ -570,7 +570,7 @@ impl DeviceModel for Uart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::state_tests::{refused, refuses_wrong_lengths, saved};
+    use crate::model::state_tests::{mangled, refused, refuses_wrong_lengths, saved};
     use std::collections::BTreeMap;
 
     // serial_reg.h values the driver sequences below use.
@@ -1248,13 +1248,7 @@ mod tests {
         // Whatever the bytes, no panic.
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..2000 {
-            let mut b = good.clone();
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let at = (x >> 16) as usize % b.len();
-            b[at] = x as u8;
-            b.truncate(b.len() - (x >> 40) as usize % 3);
+            let b = mangled(&good, 1, &mut x);
             let mut u = Uart::new();
             if u.restore(&b).is_ok() {
                 assert_eq!(saved(&u), b);
