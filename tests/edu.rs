@@ -409,6 +409,60 @@ fn emulator_killed_in_every_round_goes_unnoticed() {
     assert_eq!(run.count("state region refused"), 0);
 }
 
+/// A device state saved mid-run (control command 4, `--snapshot`), the
+/// device changed and put back into it (command 5: the guest goes on where
+/// it was), and a new VM started from it (`--restore`): the restored
+/// device gives the same answers as the saved one did right after the
+/// snapshot.
+#[test]
+fn snapshot_restores_the_same_device_answers() {
+    let file = std::env::temp_dir().join(format!("edu-{}.state", std::process::id()));
+    let file_arg = file.to_str().expect("a UTF-8 path");
+    let saved = vmm(
+        &[
+            "--edu",
+            "1",
+            "--restart",
+            "--snapshot",
+            file_arg,
+            "--cmdline",
+            "mode=snapshot",
+        ],
+        None,
+    );
+    saved.assert_guest_passed();
+    assert_eq!(saved.count("state saved to"), 1);
+    assert_eq!(saved.count("restored in place from the snapshot"), 1);
+    let restored = vmm(
+        &[
+            "--edu",
+            "1",
+            "--restore",
+            file_arg,
+            "--cmdline",
+            "mode=restored",
+        ],
+        None,
+    );
+    std::fs::remove_file(&file).expect("the snapshot file");
+    restored.assert_guest_passed();
+    assert_eq!(restored.count("restored from a snapshot of device 0"), 1);
+    assert_eq!(restored.count("resumed the state committed"), 1);
+    assert_clean(&saved.stats()[0]);
+    assert_clean(&restored.stats()[0]);
+    let answers = |r: &Run| -> Vec<String> {
+        r.stdout
+            .lines()
+            .filter(|l| l.starts_with("# answers:"))
+            .map(str::to_string)
+            .collect()
+    };
+    let (saved, restored) = (answers(&saved), answers(&restored));
+    assert_eq!(saved.len(), 4, "{saved:?}");
+    assert_eq!(saved[..2], saved[2..], "restored in place");
+    assert_eq!(saved[..2], restored[..], "restored in a new VM");
+}
+
 /// The test-only emulator tries `what` once sandboxed; seccomp must kill it.
 fn sandbox_refuses(what: &str) {
     let probe = repo().join("target/probe/debug/kvm-userdev-emulator");

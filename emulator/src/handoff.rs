@@ -66,8 +66,11 @@ pub struct Setup {
     /// How guest accesses arrive.
     pub transport: Transport,
     /// Console input (a non-blocking readable fd, a pipe the VMM feeds) and
-    /// console output (a writable fd) are attached.
-    pub console: bool,
+    /// console output (a `SOCK_SEQPACKET` socket, [`crate::console`]) are
+    /// attached, the output stream going on at this offset (what the VMM
+    /// has of it: an emulator that finds no state to resume from goes on
+    /// there).
+    pub console: Option<u64>,
     /// A state region of this many bytes is attached
     /// ([`crate::state`]): the device's state, kept across its emulators.
     pub state_region: Option<u64>,
@@ -144,14 +147,16 @@ impl Setup {
             );
         }
         s += &format!(
-            "intx {}\nisa-irq {}\nmsi-vectors {}\nmsi-enabled {}\nshadow {}\nconsole {}\n",
+            "intx {}\nisa-irq {}\nmsi-vectors {}\nmsi-enabled {}\nshadow {}\n",
             flag(self.intx),
             flag(self.isa_irq),
             self.msi_vectors,
             flag(self.msi_enabled),
             flag(self.shadow),
-            flag(self.console)
         );
+        if let Some(offset) = self.console {
+            s += &format!("console {offset:#x}\n");
+        }
         for f in &self.forward {
             s += &format!("forward {f:#x}\n");
         }
@@ -185,7 +190,7 @@ impl Setup {
             forward: Vec::new(),
             batch: Vec::new(),
             transport: Transport::Ring,
-            console: false,
+            console: None,
             state_region: None,
         };
         for line in lines {
@@ -212,7 +217,7 @@ impl Setup {
                 }),
                 "intx" => setup.intx = one()?,
                 "isa-irq" => setup.isa_irq = one()?,
-                "console" => setup.console = one()?,
+                "console" if args.len() == 1 => setup.console = Some(num(0)?),
                 "msi-vectors" if args.len() == 1 => {
                     setup.msi_vectors = u32::try_from(num(0)?)
                         .ok()
@@ -246,7 +251,7 @@ impl Setup {
         2 + if self.intx { 2 } else { 0 }
             + usize::from(self.isa_irq)
             + self.msi_vectors as usize
-            + if self.console { 2 } else { 0 }
+            + if self.console.is_some() { 2 } else { 0 }
             + usize::from(self.state_region.is_some())
     }
 }
@@ -364,7 +369,7 @@ pub fn recv_setup(sock: &UnixDatagram) -> Result<(Setup, SetupFds), HandoffError
     let intx = setup.intx.then(|| (next(), next()));
     let isa_irq = setup.isa_irq.then(&mut next);
     let msi = (0..setup.msi_vectors).map(|_| next()).collect();
-    let console = setup.console.then(|| (next(), next()));
+    let console = setup.console.map(|_| (next(), next()));
     let state_region = setup.state_region.is_some().then(&mut next);
     Ok((
         setup,
@@ -418,7 +423,7 @@ mod tests {
             forward: vec![0x20],
             batch: vec![0x10],
             transport: Transport::Ring,
-            console: false,
+            console: None,
             state_region: Some(0x10000),
         }
     }
@@ -431,7 +436,7 @@ mod tests {
             isa_irq: true,
             msi_vectors: 0,
             forward: vec![],
-            console: true,
+            console: Some(0x1234),
             ..setup()
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! The VMM starts `kvm-userdev-emulator` in fresh namespaces and hands it,
 //! over a UNIX socket ([`handoff`]), the backend fd, guest memory, irqfds
-//! and, for a UART, its console's input and output.
+//! and, for a UART, its console's input and output (the output as
+//! [`console`] messages).
 //! The emulator maps what it needs, enters its [`sandbox`] and then serves
 //! the device ([`serve`]): it consumes guest accesses from the ring in
 //! batches, answers forwarded loads, keeps the shadow image current and
@@ -15,6 +16,7 @@
 //! [`model::DeviceModel`]; [`edu::Edu`] follows QEMU's edu device,
 //! [`uart::Uart`] is a 16550A serving the guest's serial console.
 
+pub mod console;
 pub mod edu;
 pub mod handoff;
 pub mod model;

@@ -86,6 +86,12 @@ fn run() -> Result<(), Box<dyn Error>> {
     // SAFETY: the VMM started us with the handoff socket at this descriptor,
     // which nothing else in this process owns.
     let control = unsafe { UnixDatagram::from_raw_fd(args.socket_fd) };
+    // Read while there is a file system to read it from (sched affinity and
+    // cgroup limits).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Nothing of the guest's is here yet: the slow half of the sandbox
+    // comes before the VMM counts this emulator as waiting.
+    let isolated = sandbox::isolate()?;
     send_waiting(&control)?;
     let (setup, fds) = recv_setup(&control)?;
     control.set_nonblocking(true)?;
@@ -122,7 +128,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         msi_enabled: setup.msi_enabled,
         console: fds
             .console
-            .map(|(input, output)| Console::new(input, output))
+            .map(|(input, output)| Console::new(input, output, setup.console.unwrap_or(0)))
             .transpose()?,
         irq_errors: 0,
         console_errors: 0,
@@ -132,6 +138,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         }),
         map_changed: false,
         defer_irqs: false,
+        hold_output: false,
         deferred_irqs: Vec::new(),
     };
     let mut sources = Sources::new(source.accesses(), &control, &platform);
@@ -139,12 +146,11 @@ fn run() -> Result<(), Box<dyn Error>> {
     // With one CPU to run on, a polling emulator only holds up the vCPU
     // that would queue its next access, and, runnable instead of asleep, is
     // not woken for that access either.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spin = match (source.backend(), args.poll_us) {
         (Some(_), us) if us > 0 && cpus > 1 => Some(Spin::calibrate(us)),
         _ => None,
     };
-    enter_sandbox(&setup.model, &source, &control, &platform, &args)?;
+    enter_sandbox(isolated, &setup.model, &source, &control, &platform, &args)?;
 
     // Only now is guest-controlled data read: the ring, guest memory, the
     // state region (a predecessor the guest compromised wrote it).
@@ -153,7 +159,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         let mut durable = match (region, source.backend()) {
             (Some(region), Some(backend)) => {
                 let (durable, resumed) =
-                    Durable::take_over(region, model.as_mut(), backend.pending());
+                    Durable::take_over(region, model.as_mut(), &mut platform, backend.pending());
                 match resumed {
                     Resumed::Fresh => {}
                     Resumed::From {
@@ -183,6 +189,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             platform.raise_irq();
         }
         platform.defer_irqs = durable.is_some();
+        platform.hold_output = source.backend().is_some();
         send_ready(&control)?;
         Ok(serve(
             &mut sources,
@@ -214,6 +221,7 @@ fn run() -> Result<(), Box<dyn Error>> {
 
 /// Locks this process down to the descriptors it serves with, and says so.
 fn enter_sandbox(
+    isolated: sandbox::Isolated,
     model: &str,
     source: &AccessSource,
     control: &UnixDatagram,
@@ -224,14 +232,17 @@ fn enter_sandbox(
     irqfds.extend(platform.intx.as_ref().map(|i| i.irqfd.as_raw_fd()));
     irqfds.extend(platform.isa.as_ref().map(|i| i.irqfd.as_raw_fd()));
     let console = platform.console.as_ref();
-    let report = sandbox::enter(&sandbox::Fds {
-        accesses: source.accesses().sandboxed(),
-        control: control.as_raw_fd(),
-        resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
-        irqfds,
-        console_in: console.map(|c| c.input.as_raw_fd()),
-        console_out: console.map(|c| c.output.as_raw_fd()),
-    })?;
+    let report = sandbox::lock_down(
+        isolated,
+        &sandbox::Fds {
+            accesses: source.accesses().sandboxed(),
+            control: control.as_raw_fd(),
+            resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
+            irqfds,
+            console_in: console.map(|c| c.input.as_raw_fd()),
+            console_out: console.map(|c| c.output.as_raw_fd()),
+        },
+    )?;
     emulator::log!(
         "emulator[{model}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
         sandbox::NOBODY,

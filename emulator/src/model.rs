@@ -22,13 +22,18 @@ pub trait Env {
     /// Publishes a register's new value in the shadow image, at its
     /// offset in range 0.
     fn publish(&mut self, offset: u64, len: u8, value: u64);
-    /// Bytes the device transmits on its console line. May block; the
-    /// bytes are not lost to a short write.
+    /// Bytes the device transmits on its console line, at most
+    /// [`MAX_OUTPUT_PER_ACCESS`] per access. May block; the bytes are not
+    /// lost to a short write.
     fn console_out(&mut self, bytes: &[u8]);
     /// What [`DeviceModel::batched_registers`] returns has changed: the
     /// access map follows before the accesses just handled are answered.
     fn access_map_changed(&mut self) {}
 }
+
+/// The most console bytes a model sends for one access (a 16550A sends
+/// one).
+pub const MAX_OUTPUT_PER_ACCESS: usize = 16;
 
 /// A register KVM may serve from the shadow image: loads of `sizes` bytes
 /// in `offset..offset + len` of range 0 have no side effect.

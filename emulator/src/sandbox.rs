@@ -16,6 +16,12 @@
 //! 5. sets no_new_privs and installs a seccomp filter that kills the
 //!    process on any system call outside [`allowed`], with arguments pinned
 //!    to its own descriptors where the call takes one.
+//!
+//! Steps 1 to 3 ([`isolate`]) need none of the descriptors the emulator
+//! serves with and come before the VMM's setup brings them: they are the
+//! slow ones (a mount, a pivot, a Landlock domain), and a standby emulator
+//! has them behind it when it takes over. Steps 4 and 5 ([`lock_down`])
+//! are pinned to the descriptors of the setup.
 
 use std::collections::BTreeMap;
 use std::ffi::CStr;
@@ -91,6 +97,12 @@ pub struct Report {
     pub syscalls: usize,
 }
 
+/// A process through [`isolate`], waiting for [`lock_down`].
+#[derive(Debug)]
+pub struct Isolated {
+    landlock: RulesetStatus,
+}
+
 fn check(ret: libc::c_int, op: &'static str) -> Result<(), SandboxError> {
     if ret < 0 {
         return Err(SandboxError::Os {
@@ -101,8 +113,9 @@ fn check(ret: libc::c_int, op: &'static str) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Enters the sandbox; on error the caller must exit, not carry on.
-pub fn enter(fds: &Fds) -> Result<Report, SandboxError> {
+/// Steps 1 to 3: empty root, nobody, Landlock. On error the caller must
+/// exit, not carry on.
+pub fn isolate() -> Result<Isolated, SandboxError> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     if pid != 1 {
@@ -111,12 +124,21 @@ pub fn enter(fds: &Fds) -> Result<Report, SandboxError> {
     empty_root()?;
     become_nobody()?;
     let landlock = landlock()?;
+    Ok(Isolated { landlock })
+}
+
+/// Steps 4 and 5, around `fds`: resource limits, then the seccomp filter.
+/// On error the caller must exit, not carry on.
+pub fn lock_down(isolated: Isolated, fds: &Fds) -> Result<Report, SandboxError> {
     // After Landlock, which needs a descriptor for its ruleset.
     limit_resources(fds)?;
     let rules = allowed(fds);
     let syscalls = rules.len();
     seccompiler::apply_filter(&filter(rules)?)?;
-    Ok(Report { landlock, syscalls })
+    Ok(Report {
+        landlock: isolated.landlock,
+        syscalls,
+    })
 }
 
 fn mount(

@@ -14,8 +14,13 @@
 //! slot     0  applied_seq (u64): the last ring record the state includes
 //!          8  replies (u32): how many saved replies follow
 //!         12  state_len (u32): the model state's length
-//!         16  MAX_SAVED_REPLIES x (seq u64, data [u8; 8]): the replies to
+//!         16  output_end (u64): the console stream's length with this state
+//!         24  output_len (u32): the console bytes of the batch that made
+//!             this state, which end at output_end
+//!         28  zero
+//!         32  MAX_SAVED_REPLIES x (seq u64, data [u8; 8]): the replies to
 //!             the forwarded loads of the batch that made this state
+//!   SLOT_OUTPUT  those console bytes, output_len of them
 //!    SLOT_STATE  the model state (DeviceModel::save), state_len bytes
 //! ```
 //!
@@ -45,9 +50,12 @@ pub const STATE_REGION_SIZE: usize = 64 << 10;
 /// Replies to forwarded loads a commit saves; a batch with more loads
 /// commits in the middle.
 pub const MAX_SAVED_REPLIES: usize = 64;
+/// Console bytes a commit saves; a batch with more output commits in the
+/// middle.
+pub const MAX_SAVED_OUTPUT: usize = 1024;
 
 const MAGIC: [u8; 8] = *b"KVMUSTAT";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = 8;
 const CURRENT_OFFSET: usize = 12;
@@ -58,9 +66,12 @@ const SLOT_LEN: usize = (STATE_REGION_SIZE - HEADER_LEN) / 2;
 const SLOT_SEQ: usize = 0;
 const SLOT_REPLIES_LEN: usize = 8;
 const SLOT_STATE_LEN: usize = 12;
-const SLOT_REPLIES: usize = 16;
+const SLOT_OUTPUT_END: usize = 16;
+const SLOT_OUTPUT_LEN: usize = 24;
+const SLOT_REPLIES: usize = 32;
 const REPLY_LEN: usize = 16;
-const SLOT_STATE: usize = SLOT_REPLIES + MAX_SAVED_REPLIES * REPLY_LEN;
+const SLOT_OUTPUT: usize = SLOT_REPLIES + MAX_SAVED_REPLIES * REPLY_LEN;
+const SLOT_STATE: usize = SLOT_OUTPUT + MAX_SAVED_OUTPUT;
 /// The largest model state a slot holds: two of them fit in the region.
 pub const MAX_MODEL_STATE: usize = SLOT_LEN - SLOT_STATE;
 
@@ -82,8 +93,14 @@ pub enum RegionError {
     Header,
     #[error("slot selector {0} (0, 1 or 2)")]
     Selector(u32),
-    #[error("{replies} saved replies and a {state}-byte state do not fit a slot")]
-    Lengths { replies: usize, state: usize },
+    #[error("{replies} saved replies, {output} console bytes and a {state}-byte state do not fit a slot")]
+    Lengths {
+        replies: usize,
+        output: usize,
+        state: usize,
+    },
+    #[error("{output} console bytes before stream offset {end}")]
+    Output { output: usize, end: u64 },
 }
 
 fn os(op: &'static str) -> impl FnOnce(io::Error) -> RegionError {
@@ -117,7 +134,7 @@ pub fn create_file() -> Result<OwnedFd, RegionError> {
 }
 
 /// What a commit holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Committed {
     /// The seq of the last ring record whose effects the state includes
     /// (0: none; KVM numbers accesses from 1).
@@ -125,8 +142,40 @@ pub struct Committed {
     /// The replies to the forwarded loads of the batch that ended at
     /// `applied_seq`, for a successor that sees those loads again.
     pub replies: Vec<Reply>,
+    /// How many console bytes the device has sent with this state: the
+    /// stream offset its next byte goes to.
+    pub output_end: u64,
+    /// The console bytes of that batch, which end at `output_end`: a
+    /// successor sends them again, in case its predecessor died before it
+    /// sent them ([`crate::console`]).
+    pub output: Vec<u8>,
     /// The model's state ([`crate::model::DeviceModel::save`]).
     pub state: Vec<u8>,
+}
+
+fn check_lengths(replies: usize, output: usize, state: usize) -> Result<(), RegionError> {
+    if replies > MAX_SAVED_REPLIES || output > MAX_SAVED_OUTPUT || state > MAX_MODEL_STATE {
+        return Err(RegionError::Lengths {
+            replies,
+            output,
+            state,
+        });
+    }
+    Ok(())
+}
+
+impl Committed {
+    fn check(&self) -> Result<(), RegionError> {
+        let output = self.output.len();
+        check_lengths(self.replies.len(), output, self.state.len())?;
+        if output as u64 > self.output_end {
+            return Err(RegionError::Output {
+                output,
+                end: self.output_end,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// An emulator's view of the state region.
@@ -197,22 +246,38 @@ impl StateRegion {
     /// region whose header or current slot does not check out is reset
     /// to nothing committed, and the error says why.
     pub fn take_over(&mut self) -> Result<Option<Committed>, RegionError> {
-        let result = self.read_committed();
-        if result.is_err() {
-            self.reset();
+        match self.read_committed() {
+            Ok(Some((slot, c))) => {
+                self.current = slot;
+                Ok(Some(c))
+            }
+            // Fresh from the VMM, or nothing committed yet.
+            Ok(None) => {
+                self.reset();
+                Ok(None)
+            }
+            Err(e) => {
+                self.reset();
+                Err(e)
+            }
         }
-        result
     }
 
-    fn read_committed(&mut self) -> Result<Option<Committed>, RegionError> {
+    /// The committed state, without taking the region over: for a VMM
+    /// that saves the state of a device whose emulator commits nothing
+    /// meanwhile (its ring drained, its guest held).
+    pub fn committed(&self) -> Result<Option<Committed>, RegionError> {
+        Ok(self.read_committed()?.map(|(_, c)| c))
+    }
+
+    /// The committed state and the slot it is in.
+    fn read_committed(&self) -> Result<Option<(u32, Committed)>, RegionError> {
         // The selector first: what it publishes is read after it.
         let current = self.current_ref().load(Ordering::Acquire);
         let mut magic = [0; 8];
         self.read(MAGIC_OFFSET, &mut magic);
         let version = self.read_u32(VERSION_OFFSET);
         if magic == [0; 8] && version == 0 && current == 0 {
-            // Fresh from the VMM.
-            self.reset();
             return Ok(None);
         }
         if magic != MAGIC || version != VERSION {
@@ -229,14 +294,13 @@ impl StateRegion {
         let mut head = [0; SLOT_REPLIES];
         self.read(slot, &mut head);
         let field = |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes"));
-        let applied_seq = u64::from_le_bytes(head[SLOT_SEQ..SLOT_SEQ + 8].try_into().expect("8"));
-        let (replies, state) = (
+        let field64 = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"));
+        let (replies, output, state) = (
             field(SLOT_REPLIES_LEN) as usize,
+            field(SLOT_OUTPUT_LEN) as usize,
             field(SLOT_STATE_LEN) as usize,
         );
-        if replies > MAX_SAVED_REPLIES || state > MAX_MODEL_STATE {
-            return Err(RegionError::Lengths { replies, state });
-        }
+        check_lengths(replies, output, state)?;
         let mut raw = vec![0; replies * REPLY_LEN];
         self.read(slot + SLOT_REPLIES, &mut raw);
         let replies = raw
@@ -246,14 +310,17 @@ impl StateRegion {
                 Reply::new(seq, r[8..].try_into().expect("8 bytes"))
             })
             .collect();
-        let mut bytes = vec![0; state];
-        self.read(slot + SLOT_STATE, &mut bytes);
-        self.current = current;
-        Ok(Some(Committed {
-            applied_seq,
+        let mut c = Committed {
+            applied_seq: field64(SLOT_SEQ),
             replies,
-            state: bytes,
-        }))
+            output_end: field64(SLOT_OUTPUT_END),
+            output: vec![0; output],
+            state: vec![0; state],
+        };
+        self.read(slot + SLOT_OUTPUT, &mut c.output);
+        self.read(slot + SLOT_STATE, &mut c.state);
+        c.check()?;
+        Ok(Some((current, c)))
     }
 
     /// Nothing committed: the selector first, so that no slot is current
@@ -266,44 +333,37 @@ impl StateRegion {
     }
 
     /// Commits a new state: written into the slot that is not current,
-    /// then published. The caller caps `replies` at [`MAX_SAVED_REPLIES`]
-    /// and `state` at [`MAX_MODEL_STATE`]; beyond, nothing is written.
-    pub fn commit(
-        &mut self,
-        applied_seq: u64,
-        replies: &[Reply],
-        state: &[u8],
-    ) -> Result<(), RegionError> {
-        let slot = self.stage(applied_seq, replies, state)?;
+    /// then published. The caller caps the replies at
+    /// [`MAX_SAVED_REPLIES`], the output at [`MAX_SAVED_OUTPUT`] and the
+    /// state at [`MAX_MODEL_STATE`]; beyond, nothing is written.
+    pub fn commit(&mut self, c: &Committed) -> Result<(), RegionError> {
+        let slot = self.stage(c)?;
         self.publish(slot);
         Ok(())
     }
 
     /// The first half of a commit: fills the slot that is not current,
     /// which no reader looks at; returns it.
-    fn stage(&self, applied_seq: u64, replies: &[Reply], state: &[u8]) -> Result<u32, RegionError> {
-        if replies.len() > MAX_SAVED_REPLIES || state.len() > MAX_MODEL_STATE {
-            return Err(RegionError::Lengths {
-                replies: replies.len(),
-                state: state.len(),
-            });
-        }
+    fn stage(&self, c: &Committed) -> Result<u32, RegionError> {
+        c.check()?;
         let slot = if self.current == 1 { 2 } else { 1 };
         let base = Self::slot_offset(slot);
         let mut head = [0; SLOT_REPLIES];
-        head[SLOT_SEQ..SLOT_SEQ + 8].copy_from_slice(&applied_seq.to_le_bytes());
-        head[SLOT_REPLIES_LEN..SLOT_REPLIES_LEN + 4]
-            .copy_from_slice(&(replies.len() as u32).to_le_bytes());
-        head[SLOT_STATE_LEN..SLOT_STATE_LEN + 4]
-            .copy_from_slice(&(state.len() as u32).to_le_bytes());
+        let mut put = |at: usize, b: &[u8]| head[at..at + b.len()].copy_from_slice(b);
+        put(SLOT_SEQ, &c.applied_seq.to_le_bytes());
+        put(SLOT_REPLIES_LEN, &(c.replies.len() as u32).to_le_bytes());
+        put(SLOT_STATE_LEN, &(c.state.len() as u32).to_le_bytes());
+        put(SLOT_OUTPUT_END, &c.output_end.to_le_bytes());
+        put(SLOT_OUTPUT_LEN, &(c.output.len() as u32).to_le_bytes());
         self.write(base, &head);
         let mut raw = [0; MAX_SAVED_REPLIES * REPLY_LEN];
-        for (r, out) in replies.iter().zip(raw.chunks_exact_mut(REPLY_LEN)) {
+        for (r, out) in c.replies.iter().zip(raw.chunks_exact_mut(REPLY_LEN)) {
             out[..8].copy_from_slice(&r.seq.to_le_bytes());
             out[8..].copy_from_slice(&r.data);
         }
-        self.write(base + SLOT_REPLIES, &raw[..replies.len() * REPLY_LEN]);
-        self.write(base + SLOT_STATE, state);
+        self.write(base + SLOT_REPLIES, &raw[..c.replies.len() * REPLY_LEN]);
+        self.write(base + SLOT_OUTPUT, &c.output);
+        self.write(base + SLOT_STATE, &c.state);
         Ok(slot)
     }
 
@@ -337,17 +397,20 @@ mod tests {
     }
 
     fn committed(seq: u64, replies: usize, state_len: usize) -> Committed {
+        let output: Vec<u8> = (0..seq as usize % 7 * 100).map(|i| i as u8).collect();
         Committed {
             applied_seq: seq,
             replies: (0..replies as u64)
                 .map(|i| Reply::with_value(seq * 100 + i, 8, seq * 1000 + i))
                 .collect(),
+            output_end: seq * 1000 + output.len() as u64,
+            output,
             state: (0..state_len).map(|i| (seq as usize + i) as u8).collect(),
         }
     }
 
     fn commit(r: &mut StateRegion, c: &Committed) {
-        r.commit(c.applied_seq, &c.replies, &c.state).unwrap();
+        r.commit(c).unwrap();
     }
 
     #[test]
@@ -380,10 +443,31 @@ mod tests {
         let fourth = committed(40, 1, 7);
         commit(&mut s, &fourth);
         assert_eq!(successor(&fd).take_over().unwrap(), Some(fourth));
-        // Too much for a slot: refused, nothing changes.
-        assert!(s.commit(50, &[], &vec![0; MAX_MODEL_STATE + 1]).is_err());
-        let many = vec![Reply::with_value(1, 1, 0); MAX_SAVED_REPLIES + 1];
-        assert!(s.commit(50, &many, &[]).is_err());
+        // Too much for a slot, or output before the stream's start:
+        // refused, nothing changes.
+        let fifth = || committed(50, 0, 0);
+        for bad in [
+            Committed {
+                state: vec![0; MAX_MODEL_STATE + 1],
+                ..fifth()
+            },
+            Committed {
+                replies: vec![Reply::with_value(1, 1, 0); MAX_SAVED_REPLIES + 1],
+                ..fifth()
+            },
+            Committed {
+                output: vec![0; MAX_SAVED_OUTPUT + 1],
+                output_end: 1 << 20,
+                ..fifth()
+            },
+            Committed {
+                output: vec![0; 10],
+                output_end: 9,
+                ..fifth()
+            },
+        ] {
+            assert!(s.commit(&bad).is_err());
+        }
         assert_eq!(successor(&fd).take_over().unwrap().unwrap().applied_seq, 40);
     }
 
@@ -407,7 +491,7 @@ mod tests {
                 None => r.reset(),
             }
             let before = bytes(&r);
-            let slot = r.stage(new.applied_seq, &new.replies, &new.state).unwrap();
+            let slot = r.stage(&new).unwrap();
             let staged = bytes(&r);
             // Staging touches the inactive slot only.
             let span = StateRegion::slot_offset(slot)..StateRegion::slot_offset(slot) + SLOT_LEN;
@@ -447,10 +531,16 @@ mod tests {
         let slot = StateRegion::slot_offset(1);
         for (offset, bytes) in [
             (MAGIC_OFFSET, &b"XXXXXXXX"[..]),
-            (VERSION_OFFSET, &2u32.to_le_bytes()),
+            (VERSION_OFFSET, &1u32.to_le_bytes()),
             (CURRENT_OFFSET, &3u32.to_le_bytes()),
             (CURRENT_OFFSET, &u32::MAX.to_le_bytes()),
             (slot + SLOT_REPLIES_LEN, &65u32.to_le_bytes()),
+            (
+                slot + SLOT_OUTPUT_LEN,
+                &(MAX_SAVED_OUTPUT as u32 + 1).to_le_bytes(),
+            ),
+            // More output than the stream had.
+            (slot + SLOT_OUTPUT_END, &99u64.to_le_bytes()),
             (
                 slot + SLOT_STATE_LEN,
                 &(MAX_MODEL_STATE as u32 + 1).to_le_bytes(),
@@ -492,8 +582,7 @@ mod tests {
             set(slot, &junk[HEADER_LEN..]);
             set(StateRegion::slot_offset(2), &junk[HEADER_LEN..]);
             if let Ok(Some(c)) = successor(&fd).take_over() {
-                assert!(c.replies.len() <= MAX_SAVED_REPLIES);
-                assert!(c.state.len() <= MAX_MODEL_STATE);
+                assert!(c.check().is_ok());
             }
         }
     }

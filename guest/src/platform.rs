@@ -21,6 +21,12 @@ pub const CONTROL_KILL_EMULATOR_LATER: u8 = 2;
 /// Control command: return once no kill of command 2 is pending for the
 /// device and an emulator serves it again.
 pub const CONTROL_WAIT_FOR_KILLS: u8 = 3;
+/// Control command: save the device's state to the VMM's `--snapshot`
+/// file, its queue drained first, and return once the file is written.
+pub const CONTROL_SAVE_STATE: u8 = 4;
+/// Control command: put the device back into the state saved by command 4,
+/// and return once an emulator serves it from that state.
+pub const CONTROL_RESTORE_STATE: u8 = 5;
 
 /// Ends the VM with `status` (0: success).
 ///

@@ -1,14 +1,21 @@
-//! The guest's serial console on the VMM's standard streams: output goes
-//! straight to stdout, written by whoever serves the UART; input is read
-//! from stdin by a thread of the VMM and passed on through a pipe, whose
-//! read end the UART's emulator polls. The emulator thus never holds the
-//! VMM's stdin, and a terminal on stdin is put into raw mode for as long as
-//! the VMM runs, so that keys reach the guest as typed.
+//! The guest's serial console on the VMM's standard streams. Output comes
+//! from whoever serves the UART as messages on a `SOCK_SEQPACKET` socket,
+//! each with the stream offset of its bytes ([`emulator::console`]); a
+//! thread of the VMM writes each offset to stdout once, so that an
+//! emulator's successor may send again what it is not sure went out.
+//! Input is read from stdin by another thread and passed on through a
+//! pipe, whose read end the UART's emulator polls. The emulator thus never
+//! holds the VMM's stdin or stdout, and a terminal on stdin is put into
+//! raw mode for as long as the VMM runs, so that keys reach the guest as
+//! typed.
 
 use std::io::{self, IsTerminal, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use emulator::console::{Dedup, MAX_CHUNK};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::device::Console;
@@ -27,7 +34,71 @@ unsafe impl Terminal for StdinTty {
 /// Whether stdin is a terminal that [`open`] put into raw mode.
 static RAW: AtomicBool = AtomicBool::new(false);
 
-/// A pipe fed from stdin and a duplicate of stdout, for the UART's server.
+/// The VMM's end of the console output.
+pub struct Output {
+    socket: UnixDatagram,
+    /// Held while messages are taken from the socket and written, so that
+    /// the thread and [`flush`] write them in order.
+    dedup: Mutex<Dedup>,
+}
+
+impl Output {
+    /// The stream offset of the next byte to write: where an emulator
+    /// without a state to resume from goes on.
+    pub fn offset(&self) -> u64 {
+        self.dedup.lock().expect("console lock").next()
+    }
+
+    /// Writes what the socket holds now, without waiting for more.
+    fn pump(&self) {
+        let mut dedup = self.dedup.lock().expect("console lock");
+        let mut buf = vec![0; MAX_CHUNK + 8];
+        let mut out = io::stdout().lock();
+        // Only an empty socket (or our own end gone) stops this.
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            // A closed stdout loses the output, and nothing else.
+            let _ = out.write_all(dedup.accept(&buf[..n]));
+        }
+        let _ = out.flush();
+    }
+
+    /// Waits until the socket has a message.
+    fn wait(&self) -> io::Result<()> {
+        let mut fd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes the one pollfd above.
+        if unsafe { libc::poll(&mut fd, 1, -1) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The console output, once [`open`] made it.
+static OUTPUT: OnceLock<Arc<Output>> = OnceLock::new();
+
+/// Writes the console output that has come and is not written yet: at the
+/// end, once the emulators have consumed the guest's last accesses.
+/// Says so if bytes never came.
+pub fn flush() {
+    if let Some(output) = OUTPUT.get() {
+        output.pump();
+        let d = output.dedup.lock().expect("console lock");
+        if d.lost > 0 || d.malformed > 0 {
+            emulator::log!(
+                "vmm: console output: {} bytes lost, {} malformed messages",
+                d.lost,
+                d.malformed
+            );
+        }
+    }
+}
+
+/// A pipe fed from stdin, and a socket whose messages reach stdout, for
+/// the UART's server. There is one console.
 pub fn open() -> io::Result<Console> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two new descriptors into `fds` on success.
@@ -39,12 +110,32 @@ pub fn open() -> io::Result<Console> {
     // The emulator polls the read end and must never block on it. The flag
     // is on the pipe's open file, which only the emulator reads.
     set_nonblocking(&input)?;
-    let output = io::stdout().as_fd().try_clone_to_owned()?;
+    let (ours, theirs) = emulator::handoff::socketpair()?;
+    ours.set_nonblocking(true)?;
+    let stream = Arc::new(Output {
+        socket: ours,
+        dedup: Mutex::default(),
+    });
+    if OUTPUT.set(stream.clone()).is_err() {
+        return Err(io::Error::other("a second console"));
+    }
     raw_mode();
     std::thread::Builder::new()
         .name("console-input".into())
         .spawn(move || feed_from_stdin(std::fs::File::from(feed)))?;
-    Ok(Console { input, output })
+    let writer = stream.clone();
+    std::thread::Builder::new()
+        .name("console-output".into())
+        .spawn(move || {
+            while writer.wait().is_ok() {
+                writer.pump();
+            }
+        })?;
+    Ok(Console {
+        input,
+        output: theirs.into(),
+        stream,
+    })
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {

@@ -19,6 +19,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use emulator::handoff::{self, Control, MemRegion, Setup, Transport};
+use emulator::state::{Committed, StateRegion};
 use emulator::wire;
 use userdev::{Access, Op, Range, Stats, UserDevice};
 
@@ -91,6 +92,10 @@ pub enum DeviceError {
     Handoff(#[from] handoff::HandoffError),
     #[error("{0}")]
     State(#[from] emulator::state::RegionError),
+    #[error("no state to save or restore: the device is not a user device")]
+    NoState,
+    #[error("restoring a running device takes a new emulator: start the VMM with --restart")]
+    NoRestart,
     #[error("{op}: {source}")]
     Kvm {
         op: &'static str,
@@ -120,7 +125,7 @@ struct Supervised {
     kill_pending: bool,
     /// With [`Transport::Socket`]: the VMM's end of the access socket.
     accesses: Option<Arc<UnixDatagram>>,
-    /// Bumped whenever an emulator ends.
+    /// Bumped whenever an emulator has ended and was reaped.
     generation: u64,
     exits: Vec<ExitStatus>,
     msi_enabled: bool,
@@ -198,10 +203,12 @@ impl Irqfds {
 }
 
 /// A console the device's emulator reads and writes: the read end of a
-/// pipe the VMM feeds from its stdin, and the VMM's stdout.
+/// pipe the VMM feeds from its stdin, and the emulator's end of the socket
+/// that carries the output to the VMM's stdout ([`crate::console`]).
 pub struct Console {
     pub input: std::os::fd::OwnedFd,
     pub output: std::os::fd::OwnedFd,
+    pub stream: Arc<crate::console::Output>,
 }
 
 /// An eventfd for an irqfd: close-on-exec, non-blocking.
@@ -300,11 +307,92 @@ impl EmulatedDevice {
         // A timeout or a released backend (its accesses were dropped and
         // counted) leaves nothing to wait for; any other failure neither.
         if let Err(e) = device.drain() {
-            eprintln!(
+            emulator::log!(
                 "vmm: {}: waiting for the emulator to catch up: {e}",
                 self.name
             );
         }
+    }
+
+    /// The device's state region, mapped in the VMM.
+    fn map_state_region(&self) -> Result<StateRegion, DeviceError> {
+        let region = self.state_region.as_ref().ok_or(DeviceError::NoState)?;
+        let fd = region.try_clone().map_err(io("dup the state region"))?;
+        Ok(StateRegion::map(fd.into())?)
+    }
+
+    /// The device's state as its emulators last committed it, once the
+    /// emulator has consumed every access queued (KVM_USER_DRAIN); the
+    /// state at reset if none was committed yet. It is as consistent as
+    /// the guest is still: the caller holds it (the vCPU that asks for a
+    /// snapshot waits in the VMM meanwhile).
+    pub fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
+        let device = self.user_device.as_ref().ok_or(DeviceError::NoState)?;
+        device.drain()?;
+        let mut state = Vec::new();
+        match self.map_state_region()?.committed()? {
+            Some(c) => state = c.state,
+            None => emulator::model::by_name(&self.spec.model)
+                .expect("the machine checked the model")
+                .save(&mut state),
+        }
+        Ok(state)
+    }
+
+    /// Commits `state` to the state region, for the next emulator to
+    /// resume from: call it before [`Self::start`], or with no emulator
+    /// attached. The console stream goes on where the last commit left it.
+    /// The emulator checks the state as it checks any it resumes from.
+    pub fn restore_state(&self, state: &[u8]) -> Result<(), DeviceError> {
+        let mut region = self.map_state_region()?;
+        // A region that does not check out is reset: the stream from 0.
+        let output_end = region
+            .take_over()
+            .ok()
+            .flatten()
+            .map_or(0, |c| c.output_end);
+        region.commit(&Committed {
+            state: state.to_vec(),
+            output_end,
+            ..Committed::default()
+        })?;
+        Ok(())
+    }
+
+    /// Puts the running device back into `state`: drains its queue, ends
+    /// its emulator, commits `state` before a successor can take over, and
+    /// returns once the successor serves (with restart only: without, the
+    /// device would be left without an emulator). The guest must be held
+    /// meanwhile, as for [`Self::save_state`].
+    pub fn restore_in_place(&self, state: &[u8]) -> Result<(), DeviceError> {
+        if !self.spec.restart {
+            return Err(DeviceError::NoRestart);
+        }
+        self.user_device
+            .as_ref()
+            .ok_or(DeviceError::NoState)?
+            .drain()?;
+        let st = self.state.lock().expect("device lock");
+        let (Some(child), Some(control)) = (&st.child, &st.control) else {
+            return Err(DeviceError::NoState);
+        };
+        // Under the lock, which the supervisor needs to start the
+        // successor: the state is in place before that. Once the old
+        // emulator has closed its descriptors it writes nothing more.
+        spawn::kill(child).map_err(io("kill emulator"))?;
+        spawn::wait_closed(child, control).map_err(io("wait for the emulator's end"))?;
+        self.restore_state(state)?;
+        let generation = st.generation;
+        let (_st, waited) = self.wait_while(st, READY_TIMEOUT, |st| {
+            st.generation == generation || st.child.is_none()
+        });
+        if !waited {
+            return Err(DeviceError::Io {
+                op: "wait for the restored emulator",
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+        Ok(())
     }
 
     /// Socket transport: hands a BAR0 access that exited to the VMM to the
@@ -379,6 +467,11 @@ impl EmulatedDevice {
         Some(device.stats().map_err(DeviceError::from))
     }
 
+    /// The device model's name.
+    pub fn model(&self) -> &str {
+        &self.spec.model
+    }
+
     /// How the emulators of this device ended so far.
     pub fn exits(&self) -> Vec<ExitStatus> {
         self.state.lock().expect("device lock").exits.clone()
@@ -393,7 +486,7 @@ impl EmulatedDevice {
         // backend. An emulator that dies first is the supervisor's business.
         if let Some(control) = &st.control {
             if let Err(e) = handoff::wait_ready(control, READY_TIMEOUT) {
-                eprintln!("vmm: {}: the emulator did not report ready: {e}", self.name);
+                emulator::log!("vmm: {}: the emulator did not report ready: {e}", self.name);
             }
         }
         drop(st);
@@ -435,7 +528,7 @@ impl EmulatedDevice {
             forward: self.spec.forward.clone(),
             batch: self.spec.batch.clone(),
             transport: self.spec.transport,
-            console: self.console.is_some(),
+            console: self.console.as_ref().map(|c| c.stream.offset()),
             state_region: self
                 .state_region
                 .as_ref()
@@ -460,12 +553,13 @@ impl EmulatedDevice {
         // If the emulator died already, the send fails or goes nowhere; the
         // supervisor reports its end either way.
         if let Err(e) = handoff::send_setup(&ours, &setup, &fds) {
-            eprintln!(
+            emulator::log!(
                 "vmm: {}: handing descriptors to emulator pid {}: {e}",
-                self.name, child.pid
+                self.name,
+                child.pid
             );
         }
-        eprintln!("vmm: {}: emulator pid {} started", self.name, child.pid);
+        emulator::log!("vmm: {}: emulator pid {} started", self.name, child.pid);
         st.child = Some(child);
         st.control = Some(ours);
         st.accesses = vmm_end;
@@ -482,9 +576,10 @@ impl EmulatedDevice {
             .map_err(io("start emulator"))?;
         drop(theirs);
         if let Err(e) = handoff::wait_waiting(&ours, READY_TIMEOUT) {
-            eprintln!(
+            emulator::log!(
                 "vmm: {}: emulator pid {} is not waiting for its setup: {e}",
-                self.name, child.pid
+                self.name,
+                child.pid
             );
         }
         Ok((child, ours))
@@ -502,7 +597,7 @@ impl EmulatedDevice {
                 self.state.lock().expect("device lock").standby = Some(standby);
                 self.ended.notify_all();
             }
-            Err(e) => eprintln!("vmm: {}: standby emulator: {e}", self.name),
+            Err(e) => emulator::log!("vmm: {}: standby emulator: {e}", self.name),
         }
     }
 
@@ -525,42 +620,66 @@ impl EmulatedDevice {
     fn supervise(&self) {
         self.prepare_standby();
         loop {
-            let pid = match &self.state.lock().expect("device lock").child {
-                Some(c) => c.pid,
-                None => return,
+            let watched = {
+                let st = self.state.lock().expect("device lock");
+                let (Some(child), Some(control)) = (&st.child, &st.control) else {
+                    return;
+                };
+                child
+                    .try_clone()
+                    .and_then(|child| Ok((child, control.try_clone()?)))
             };
-            let status = match spawn::wait(pid) {
-                Ok(s) => s,
+            let (child, control) = match watched {
+                Ok(w) => w,
                 Err(e) => {
-                    eprintln!("vmm: {}: waiting for emulator pid {pid}: {e}", self.name);
+                    emulator::log!("vmm: {}: watching the emulator: {e}", self.name);
                     return;
                 }
             };
+            let pid = child.pid;
+            if let Err(e) = spawn::wait_closed(&child, &control) {
+                emulator::log!("vmm: {}: waiting for emulator pid {pid}: {e}", self.name);
+                return;
+            }
+            // It is dying, or broke the protocol by closing its end: either
+            // way it must go (a signal to a process that exits already
+            // changes nothing). The successor takes over now, the reaping
+            // comes after.
+            let _ = spawn::kill(&child);
             let mut st = self.state.lock().expect("device lock");
-            eprintln!("vmm: {}: emulator pid {pid} {status}", self.name);
             st.child = None;
             st.control = None;
             st.accesses = None;
-            st.exits.push(status);
-            st.generation += 1;
             let restarted = self.spec.restart && {
                 match self.start_locked(&mut st) {
                     Ok(()) => true,
                     Err(e) => {
-                        eprintln!("vmm: {}: restart failed: {e}", self.name);
+                        emulator::log!("vmm: {}: restart failed: {e}", self.name);
                         false
                     }
                 }
             };
+            let control = st.control.as_ref().and_then(|c| c.try_clone().ok());
+            drop(st);
+            let status = match spawn::wait(pid) {
+                Ok(s) => s,
+                Err(e) => {
+                    emulator::log!("vmm: {}: reaping emulator pid {pid}: {e}", self.name);
+                    return;
+                }
+            };
+            emulator::log!("vmm: {}: emulator pid {pid} {status}", self.name);
+            let mut st = self.state.lock().expect("device lock");
+            st.exits.push(status);
+            st.generation += 1;
+            drop(st);
             self.ended.notify_all();
             if !restarted {
-                eprintln!("vmm: {}: no emulator; the guest sees all-ones", self.name);
+                emulator::log!("vmm: {}: no emulator; the guest sees all-ones", self.name);
                 return;
             }
             // The next standby once this emulator serves: starting a
             // process sooner would slow the take-over down.
-            let control = st.control.as_ref().and_then(|c| c.try_clone().ok());
-            drop(st);
             if let Some(control) = control {
                 // An emulator that dies first closes its end: no wait.
                 let _ = handoff::wait_ready(&control, READY_TIMEOUT);
@@ -614,7 +733,7 @@ impl EmulatedDevice {
             st.kill_pending || st.child.is_none()
         });
         if !waited {
-            eprintln!("vmm: {}: a kill or restart did not end", self.name);
+            emulator::log!("vmm: {}: a kill or restart did not end", self.name);
         }
     }
 
@@ -630,7 +749,7 @@ impl EmulatedDevice {
             st.kill_pending || st.child.is_none() || (restart && st.standby.is_none())
         });
         if !waited {
-            eprintln!("vmm: {}: no emulator to kill", self.name);
+            emulator::log!("vmm: {}: no emulator to kill", self.name);
             return;
         }
         st.kill_pending = true;
@@ -641,13 +760,13 @@ impl EmulatedDevice {
             .spawn(move || {
                 std::thread::sleep(delay);
                 if let Err(e) = dev.kill_emulator() {
-                    eprintln!("vmm: {}: {e}", dev.name);
+                    emulator::log!("vmm: {}: {e}", dev.name);
                 }
                 dev.state.lock().expect("device lock").kill_pending = false;
                 dev.ended.notify_all();
             });
         if let Err(e) = killer {
-            eprintln!("vmm: kill thread: {e}");
+            emulator::log!("vmm: kill thread: {e}");
             self.state.lock().expect("device lock").kill_pending = false;
         }
     }

@@ -30,8 +30,8 @@ struct World {
     line_gsi: u32,
     edge: bool,
     line_high: bool,
-    /// Where the device's console output goes.
-    console: Option<std::fs::File>,
+    /// Where the device's console output goes, and its stream offset.
+    console: Option<(std::fs::File, u64)>,
     irq_errors: u64,
 }
 
@@ -59,7 +59,7 @@ impl InProcessDevice {
         };
         // Console input would need a thread of its own feeding the model;
         // the in-process variant serves output only (the benchmark's case).
-        let console = console.map(|c| std::fs::File::from(c.output));
+        let console = console.map(|c| (std::fs::File::from(c.output), 0));
         Ok(InProcessDevice {
             model,
             world: World {
@@ -156,8 +156,11 @@ impl Env for InProcessEnv<'_> {
 
     fn console_out(&mut self, bytes: &[u8]) {
         // A closed stdout loses the output, and nothing else.
-        if let Some(out) = &mut self.world.console {
-            let _ = out.write_all(bytes);
+        if let Some((out, end)) = &mut self.world.console {
+            for m in emulator::console::messages(*end, bytes) {
+                let _ = out.write(&m);
+            }
+            *end += bytes.len() as u64;
         }
     }
 

@@ -24,6 +24,7 @@ pub mod mptable;
 pub mod pci;
 mod realmode;
 pub mod rtc;
+pub mod snapshot;
 pub mod spawn;
 
 pub use realmode::{Error, RealModeVm};

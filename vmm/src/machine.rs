@@ -24,6 +24,7 @@ use crate::memory::Ram;
 use crate::mptable::{self, PciIrq};
 use crate::pci::{self, Function};
 use crate::rtc;
+use crate::snapshot::Snapshot;
 use crate::{boot, console, irq};
 use emulator::handoff::Transport;
 use emulator::model::Placement;
@@ -37,11 +38,16 @@ pub const EXIT_PORT: u16 = 0x501;
 /// kills that device's emulator and returns once it has ended, command 2
 /// kills it after a random delay ([`Config::kill_delay`]) and returns once
 /// that kill is armed ([`EmulatedDevice::kill_emulator_later`]), command 3
-/// returns once no such kill is pending and an emulator serves.
+/// returns once no such kill is pending and an emulator serves, command 4
+/// saves the device's state to [`Config::snapshot`] and returns once it is
+/// written, command 5 puts the device back into the state saved there and
+/// returns once an emulator serves it from that state.
 pub const CONTROL_PORT: u16 = 0x502;
 const CONTROL_KILL: u32 = 1;
 const CONTROL_KILL_LATER: u32 = 2;
 const CONTROL_WAIT_FOR_KILLS: u32 = 3;
+const CONTROL_SAVE_STATE: u32 = 4;
+const CONTROL_RESTORE_STATE: u32 = 5;
 /// The i8042 keyboard controller's command port: command 0xfe pulses the
 /// reset line, the way Linux reboots a PC without ACPI.
 const I8042_COMMAND: u16 = 0x64;
@@ -84,6 +90,10 @@ pub struct Config {
     /// the seed of the delays: the same seed gives the same delays.
     pub kill_delay: std::time::Duration,
     pub kill_seed: u64,
+    /// Where command 4 saves a device's state.
+    pub snapshot: Option<PathBuf>,
+    /// A device state to start from, for the device it names.
+    pub restore: Option<Snapshot>,
 }
 
 /// Who serves the devices' BAR0.
@@ -137,6 +147,8 @@ pub enum MachineError {
     UnknownModel { index: usize, model: String },
     #[error("device {index}: only one device can have the console")]
     SecondConsole { index: usize },
+    #[error("the snapshot is of device {index}, a {model}, which this VM does not have")]
+    SnapshotDevice { index: usize, model: String },
     #[error("{0} vCPUs: a VM needs at least one")]
     Cpus(u8),
     #[error("this kernel has no KVM_DEV_TYPE_USER (boot the patched kernel: cargo xtask vm)")]
@@ -217,6 +229,7 @@ struct Shared {
     /// The delays of delayed kills: the longest, and the generator's state.
     kill_delay: std::time::Duration,
     kill_rng: Mutex<u64>,
+    snapshot: Option<PathBuf>,
     vm: VmFd,
     _kvm: Kvm,
     _ram: Ram,
@@ -260,6 +273,18 @@ impl Machine {
             rtc: rtc::Cmos::default(),
         };
         devices.bus.add(Function::host_bridge());
+        if let Some(s) = &config.restore {
+            if config
+                .devices
+                .get(s.index)
+                .is_none_or(|d| d.model != s.model)
+            {
+                return Err(MachineError::SnapshotDevice {
+                    index: s.index,
+                    model: s.model.clone(),
+                });
+            }
+        }
         let mut console = None;
         for (index, spec) in config.devices.iter().enumerate() {
             let slot = add_device(
@@ -269,6 +294,7 @@ impl Machine {
                 config.serve,
                 index,
                 spec,
+                config.restore.as_ref().filter(|s| s.index == index),
                 &mut console,
             )?;
             devices.slots.push(slot);
@@ -327,6 +353,7 @@ impl Machine {
                 kill_delay: config.kill_delay,
                 // xorshift gets stuck at 0.
                 kill_rng: Mutex::new(config.kill_seed | 1),
+                snapshot: config.snapshot.clone(),
                 vm,
                 _kvm: kvm,
                 _ram: ram,
@@ -524,14 +551,14 @@ impl Shared {
         };
         match (command, device) {
             (CONTROL_KILL, Some(dev)) => {
-                eprintln!("vmm: guest asks to kill the emulator of {}", dev.name);
+                emulator::log!("vmm: guest asks to kill the emulator of {}", dev.name);
                 if let Err(e) = dev.kill_emulator() {
-                    eprintln!("vmm: {}: {e}", dev.name);
+                    emulator::log!("vmm: {}: {e}", dev.name);
                 }
             }
             (CONTROL_KILL_LATER, Some(dev)) => {
                 let delay = self.kill_delay.mul_f64(self.next_random_fraction());
-                eprintln!(
+                emulator::log!(
                     "vmm: guest asks to kill the emulator of {} in {} us",
                     dev.name,
                     delay.as_micros()
@@ -539,7 +566,62 @@ impl Shared {
                 dev.kill_emulator_later(delay);
             }
             (CONTROL_WAIT_FOR_KILLS, Some(dev)) => dev.wait_for_kills(),
-            _ => eprintln!("vmm: unknown control request {value:#x}"),
+            (CONTROL_SAVE_STATE, Some(dev)) => self.save_state(index, &dev),
+            (CONTROL_RESTORE_STATE, Some(dev)) => self.restore_state(index, &dev),
+            _ => emulator::log!("vmm: unknown control request {value:#x}"),
+        }
+    }
+
+    /// Saves device `index`'s state to the snapshot file; a failure is
+    /// logged (the guest learns of it from the file's absence).
+    fn save_state(&self, index: usize, dev: &EmulatedDevice) {
+        let Some(path) = &self.snapshot else {
+            emulator::log!("vmm: the guest asks for a snapshot, and there is no --snapshot file");
+            return;
+        };
+        let saved = dev
+            .save_state()
+            .map_err(|e| e.to_string())
+            .and_then(|state| {
+                let s = Snapshot {
+                    index,
+                    model: dev.model().to_string(),
+                    state,
+                };
+                s.write(path)
+                    .map(|()| s.state.len())
+                    .map_err(|e| e.to_string())
+            });
+        match saved {
+            Ok(len) => emulator::log!(
+                "vmm: {}: state saved to {} ({len} bytes)",
+                dev.name,
+                path.display()
+            ),
+            Err(e) => emulator::log!("vmm: {}: saving the state: {e}", dev.name),
+        }
+    }
+
+    /// Puts device `index` back into the state of the snapshot file; a
+    /// failure is logged (the guest learns of it from the device).
+    fn restore_state(&self, index: usize, dev: &EmulatedDevice) {
+        let restored = (|| {
+            let path = self
+                .snapshot
+                .as_ref()
+                .ok_or("there is no --snapshot file")?;
+            let s = Snapshot::read(path).map_err(|e| e.to_string())?;
+            if (s.index, s.model.as_str()) != (index, dev.model()) {
+                return Err(format!(
+                    "the snapshot is of device {}, a {}",
+                    s.index, s.model
+                ));
+            }
+            dev.restore_in_place(&s.state).map_err(|e| e.to_string())
+        })();
+        match restored {
+            Ok(()) => emulator::log!("vmm: {}: restored in place from the snapshot", dev.name),
+            Err(e) => emulator::log!("vmm: {}: restoring the state: {e}", dev.name),
         }
     }
 }
@@ -618,7 +700,7 @@ impl Devices {
             };
             match placed {
                 Ok(()) => slot.window = window,
-                Err(e) => eprintln!("vmm: {}: BAR0 at {bar0:x?}: {e}", slot.name),
+                Err(e) => emulator::log!("vmm: {}: BAR0 at {bar0:x?}: {e}", slot.name),
             }
         }
         if msi != slot.msi {
@@ -630,7 +712,7 @@ impl Devices {
                 .filter_map(|s| s.msi.map(|m| (s.msi_gsi, m)))
                 .collect();
             if let Err(e) = irq::set_routing(vm, &routes) {
-                eprintln!("vmm: GSI routing: {e}");
+                emulator::log!("vmm: GSI routing: {e}");
             }
             if was_enabled != msi.is_some() {
                 match &mut self.slots[i].server {
@@ -668,8 +750,9 @@ impl Devices {
 }
 
 /// Device `index` of the configuration, on PCI or at its ISA ports, with
-/// what serves it. An ISA device (a UART) gets the console, which only one
-/// may have.
+/// what serves it, starting from the state `restore` if there is one. An
+/// ISA device (a UART) gets the console, which only one may have.
+#[allow(clippy::too_many_arguments)]
 fn add_device(
     vm: &VmFd,
     ram: &Ram,
@@ -677,6 +760,7 @@ fn add_device(
     serve: Serve,
     index: usize,
     spec: &EmulatorSpec,
+    restore: Option<&Snapshot>,
     console_taken: &mut Option<usize>,
 ) -> Result<Slot, MachineError> {
     let model =
@@ -739,11 +823,18 @@ fn add_device(
                 console,
             )
             .map_err(device_error)?;
+            if let Some(s) = restore {
+                dev.restore_state(&s.state).map_err(device_error)?;
+                emulator::log!("vmm: {name}: restored from a snapshot of device {index}");
+            }
             dev.start().map_err(device_error)?;
             if let Some(w) = window {
                 dev.set_window(Some(w.range())).map_err(device_error)?;
             }
             Server::Emulator(dev)
+        }
+        Serve::InProcess if restore.is_some() => {
+            return Err(device_error(DeviceError::NoState));
         }
         Serve::InProcess => {
             let dev = InProcessDevice::new(vm, model, ram.memory.clone(), wiring, console)

@@ -13,6 +13,7 @@ use clap::Parser;
 use userdev::stats;
 use vmm::device::{EmulatorSpec, Tuning};
 use vmm::machine::{Boot, Config, Machine, MachineError, Serve, Server};
+use vmm::snapshot::Snapshot;
 
 #[derive(Parser, Debug)]
 #[command(about = "A minimal KVM VMM whose PCI devices are served by sandboxed emulator processes")]
@@ -104,6 +105,15 @@ struct Args {
     /// The seed of those delays.
     #[arg(long, default_value_t = 1)]
     kill_seed: u64,
+    /// Where to save a device's state when the payload asks (control
+    /// command 4: the device's queue drained, its emulator's last
+    /// committed state; vmm/src/snapshot.rs), and what command 5 puts the
+    /// running device back into (with --restart).
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// Start the device a snapshot names from the state in it.
+    #[arg(long)]
+    restore: Option<PathBuf>,
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -156,6 +166,13 @@ fn main() {
         },
         (None, None) => unreachable!("clap requires one"),
     };
+    let restore = match args.restore.as_deref().map(Snapshot::read).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            emulator::log!("vmm: --restore: {e}");
+            std::process::exit(2)
+        }
+    };
     let config = Config {
         boot,
         cmdline: args.cmdline.clone(),
@@ -168,8 +185,11 @@ fn main() {
         timeout: args.timeout.map(Duration::from_secs),
         kill_delay: Duration::from_micros(args.kill_delay_us),
         kill_seed: args.kill_seed,
+        snapshot: args.snapshot.clone(),
+        restore,
     };
     let code = run(&config);
+    vmm::console::flush();
     vmm::console::restore();
     // Other vCPU threads may still be in the guest: end them with the
     // process rather than tearing the VM down under them.
@@ -180,7 +200,7 @@ fn run(config: &Config) -> i32 {
     let mut machine = match Machine::new(config) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("vmm: {e}");
+            emulator::log!("vmm: {e}");
             return 2;
         }
     };
@@ -191,15 +211,15 @@ fn run(config: &Config) -> i32 {
     }
     match result {
         Ok(status) => {
-            eprintln!("vmm: the guest exited with status {status}");
+            emulator::log!("vmm: the guest exited with status {status}");
             status as u8 as i32
         }
         Err(e @ MachineError::Timeout(_)) => {
-            eprintln!("vmm: {e}");
+            emulator::log!("vmm: {e}");
             124
         }
         Err(e) => {
-            eprintln!("vmm: {e}");
+            emulator::log!("vmm: {e}");
             2
         }
     }
@@ -210,14 +230,14 @@ fn print_stats(slot: &vmm::machine::Slot) {
     let name = &slot.name;
     match &slot.server {
         Server::Emulator(d) => match d.stats() {
-            Some(Ok(s)) => eprintln!("{}", stats::line(name, &s)),
-            Some(Err(e)) => eprintln!("{}", stats::line(name, &e)),
-            None => eprintln!(
+            Some(Ok(s)) => emulator::log!("{}", stats::line(name, &s)),
+            Some(Err(e)) => emulator::log!("{}", stats::line(name, &e)),
+            None => emulator::log!(
                 "{}",
                 stats::line(name, &format!("socket timeouts={}", d.forward_timeouts()))
             ),
         },
-        Server::InProcess(d) => eprintln!(
+        Server::InProcess(d) => emulator::log!(
             "{}",
             stats::line(name, &format!("in-process irq_errors={}", d.irq_errors()))
         ),

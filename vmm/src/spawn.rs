@@ -38,6 +38,16 @@ pub struct Child {
     pub pidfd: OwnedFd,
 }
 
+impl Child {
+    /// Another handle on the same process.
+    pub fn try_clone(&self) -> io::Result<Child> {
+        Ok(Child {
+            pid: self.pid,
+            pidfd: self.pidfd.try_clone()?,
+        })
+    }
+}
+
 fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
@@ -173,6 +183,38 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGTERM => "SIGTERM",
         libc::SIGBUS => "SIGBUS",
         _ => "other",
+    }
+}
+
+/// Waits until `child` has ended or closed the other end of `control`,
+/// whichever comes first. A dying process closes its descriptors, the
+/// backend fd among them, well before it can be reaped: leaving its
+/// namespaces takes a while more, most of a second on a debug kernel.
+pub fn wait_closed(child: &Child, control: &impl AsRawFd) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: child.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        // No events asked for: POLLHUP and POLLERR come all the same, and
+        // a message the emulator sent stays for whoever reads it.
+        libc::pollfd {
+            fd: control.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll reads and writes the two pollfds above, no more.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ret > 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 

@@ -17,13 +17,6 @@ use crate::vm::{self, shell_quote, Outcome, VmOptions};
 const VM_TESTS: &str = "vm-tests";
 /// Its Linux guest tests (tests/linux.rs), which run on the plain kernel.
 const LINUX_TESTS: &str = "linux-";
-/// Other in-VM tests that run on the plain kernel, by test binary and
-/// test name. The kill-loop test needs every restart served within the
-/// user device's access timeout (1 s at most); on the debug kernel under
-/// TCG a killed emulator alone took 0.4 to 0.8 s to die, and its
-/// successor's setup and sandbox 0.8 to 1.1 s more (measured, 2026-11-30).
-const PLAIN_KERNEL_TESTS: &[(&str, &str)] =
-    &[("edu-", "emulator_killed_in_every_round_goes_unnoticed")];
 
 /// The kernel's own tests of the series, relative to the built selftests,
 /// with their arguments. `figures` reports timings, which mean nothing on the
@@ -333,19 +326,16 @@ pub fn run(linux_guest: bool) -> Result<i32> {
                 b.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(LINUX_TESTS))
             });
-            let (suites, plain) = split_plain_kernel_tests(suites(others, &kernel));
+            let suites = suites(others, &kernel);
             let opts = VmOptions::new(Flavour::Debug);
             run_in_vm(opts, &suites, &mut tally).context("run the VM")?;
             if linux_guest {
-                banner("Linux guest tests and the kill-loop test, in a VM on the plain kernel");
-                let suites: Vec<Suite> =
-                    linux.into_iter().map(libtest_suite).chain(plain).collect();
+                banner("Linux guest tests, in a VM on the plain kernel");
+                let suites: Vec<Suite> = linux.into_iter().map(libtest_suite).collect();
                 run_in_vm(VmOptions::for_linux_guests(), &suites, &mut tally)
                     .context("run the VM")?
             } else {
-                eprintln!(
-                    "\nxtask: the Linux guest's tests and the kill-loop test were left out (--no-linux)"
-                );
+                eprintln!("\nxtask: the Linux guest's tests were left out (--no-linux)");
             }
         }
     }
@@ -445,23 +435,6 @@ fn suites(bins: Vec<PathBuf>, kernel: &kernel::Kernel) -> Vec<Suite> {
     suites
 }
 
-/// Takes the [`PLAIN_KERNEL_TESTS`] out of the debug kernel's suites:
-/// those suites skip them, and each comes back as a suite of its own.
-fn split_plain_kernel_tests(mut suites: Vec<Suite>) -> (Vec<Suite>, Vec<Suite>) {
-    let mut plain = Vec::new();
-    for suite in &mut suites {
-        for (bin, test) in PLAIN_KERNEL_TESTS {
-            if suite.format == Format::Libtest && suite.name.starts_with(bin) {
-                let mut alone = libtest_suite(suite.path.clone());
-                alone.args.extend(["--exact".into(), test.to_string()]);
-                plain.push(alone);
-                suite.args.extend(["--skip".into(), test.to_string()]);
-            }
-        }
-    }
-    (suites, plain)
-}
-
 /// A VM that stopped before its command finished, without a panic or any
 /// other report in its kernel log.
 fn testbed_death(run: &vm::VmRun) -> bool {
@@ -513,19 +486,6 @@ fn run_in_vm(mut opts: VmOptions, suites: &[Suite], tally: &mut Tally) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plain_kernel_tests_move_to_their_own_suite() {
-        let (bin, test) = PLAIN_KERNEL_TESTS[0];
-        let path = PathBuf::from(format!("/t/{bin}0123"));
-        let other = Suite::new(PathBuf::from("/t/nested_kvm-1"), Format::Libtest);
-        let (debug, plain) = split_plain_kernel_tests(vec![libtest_suite(path.clone()), other]);
-        assert_eq!(debug[0].args, ["--test-threads=1", "--skip", test]);
-        assert!(debug[1].args.is_empty());
-        assert_eq!(plain.len(), 1);
-        assert_eq!(plain[0].path, path);
-        assert_eq!(plain[0].args, ["--test-threads=1", "--exact", test]);
-    }
 
     #[test]
     fn libtest_results_parsed() {

@@ -1,9 +1,10 @@
 //! edu-test: exercises QEMU's edu device, or our emulator of it.
 //!
-//! Command line (all optional): `mode=full|kill|kill-restart|dead|survive`
-//! (default full), `devices=N`, the number of edu devices expected (default:
-//! at least one), and `rounds=N` for mode=survive (default 20). Prints TAP-like results and exits with status 0 if all
-//! passed, 1 otherwise.
+//! Command line (all optional):
+//! `mode=full|kill|kill-restart|dead|survive|snapshot|restored` (default
+//! full), `devices=N`, the number of edu devices expected (default: at least
+//! one), and `rounds=N` for mode=survive (default 20). Prints TAP-like
+//! results and exits with status 0 if all passed, 1 otherwise.
 
 #![no_std]
 #![no_main]
@@ -11,6 +12,7 @@
 mod edu;
 mod full;
 mod kill;
+mod snapshot;
 mod survive;
 mod tap;
 
@@ -34,6 +36,10 @@ enum Mode {
     /// Rounds of device 0's features, its emulator killed at a random
     /// moment of each and restarted: every answer must be right.
     Survive,
+    /// Device 0 in a known state, saved by our VMM to its snapshot file.
+    Snapshot,
+    /// Device 0 restored from that file: the same answers.
+    Restored,
 }
 
 struct Options {
@@ -58,6 +64,8 @@ impl Options {
                         "kill-restart" => Mode::KillRestart,
                         "dead" => Mode::Dead,
                         "survive" => Mode::Survive,
+                        "snapshot" => Mode::Snapshot,
+                        "restored" => Mode::Restored,
                         _ => return Err(word),
                     }
                 }
@@ -121,6 +129,8 @@ fn main(cmdline: &'static str) -> ! {
         (Mode::KillRestart, Some(edu)) => kill::kill(&mut t, edu, true),
         (Mode::Dead, Some(edu)) => kill::dead(&mut t, edu),
         (Mode::Survive, Some(edu)) => survive::run(&mut t, edu, options.rounds),
+        (Mode::Snapshot, Some(edu)) => snapshot::take(&mut t, edu),
+        (Mode::Restored, Some(edu)) => snapshot::restored(&mut t, edu),
         (mode, None) => println!("# no usable edu device 0: nothing to test in mode {mode:?}"),
     }
     t.eq(

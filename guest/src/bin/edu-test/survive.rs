@@ -96,13 +96,12 @@ fn one_round(edu: &Edu, round: u32) -> Result<(), Wrong> {
     let pattern = |offset: usize| (offset as u8).wrapping_mul(13) ^ (offset >> 8) as u8 ^ seed;
     SOURCE.fill(pattern);
     TARGET.fill(|_| !seed);
-    edu.start_dma(
+    if !edu.dma(
         SOURCE.address(),
         edu::DMA_BUFFER,
         edu::DMA_BUFFER_SIZE,
         edu::DMA_START,
-    );
-    if !wait_until(TIMEOUT_MS, || edu.dma_command() & edu::DMA_START == 0) {
+    ) {
         return Err(Wrong::Timeout("DMA to the device"));
     }
     irq::arm(edu);
