@@ -69,11 +69,16 @@ impl Output {
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: poll reads and writes the one pollfd above.
-        if unsafe { libc::poll(&mut fd, 1, -1) } < 0 {
-            return Err(io::Error::last_os_error());
+        loop {
+            // SAFETY: poll reads and writes the one pollfd above.
+            if unsafe { libc::poll(&mut fd, 1, -1) } >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
-        Ok(())
     }
 }
 
