@@ -19,6 +19,28 @@ pub fn messages(offset: u64, bytes: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_
     })
 }
 
+/// Sends `bytes`, which start at stream offset `offset`, on `socket`: one
+/// message per chunk, each a single write. Returns how many messages were
+/// lost (the VMM gone, or a short write, which a seqpacket socket does not
+/// make): the sender goes on without them.
+pub fn send(socket: &std::fs::File, offset: u64, bytes: &[u8]) -> u64 {
+    use std::io::Write;
+    let mut lost = 0;
+    for m in messages(offset, bytes) {
+        loop {
+            match (&*socket).write(&m) {
+                Ok(n) if n == m.len() => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => {
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+    }
+    lost
+}
+
 /// The VMM's side: which bytes of each message are new.
 #[derive(Debug, Default)]
 pub struct Dedup {

@@ -20,7 +20,7 @@
 //! ([`crate::console`]). Without a state region each batch is applied and
 //! consumed, then the access map and the replies follow.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -117,20 +117,7 @@ impl Console {
     /// Sends `bytes`, which start at stream offset `offset`: one message
     /// per chunk, each a single write.
     fn send(&self, offset: u64, bytes: &[u8], errors: &mut u64) {
-        for m in crate::console::messages(offset, bytes) {
-            loop {
-                match (&self.output).write(&m) {
-                    Ok(n) if n == m.len() => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // The VMM gone, or a short write (not on a seqpacket
-                    // socket): the bytes are lost, the device goes on.
-                    _ => {
-                        *errors += 1;
-                        break;
-                    }
-                }
-            }
-        }
+        *errors += crate::console::send(&self.output, offset, bytes);
     }
 }
 
@@ -1211,7 +1198,7 @@ pub fn map_memory(
 mod tests {
     use super::*;
     use crate::uart::{Uart, FIFO_SIZE};
-    use std::io::PipeWriter;
+    use std::io::{PipeWriter, Write};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A platform with an ISA irqfd and a console (a pipe in, a seqpacket

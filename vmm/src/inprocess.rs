@@ -8,8 +8,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use emulator::model::{DeviceModel, Env};
 
-use std::io::Write;
-
 use crate::device::{eventfd, kvm_err, Console, DeviceError, Wiring};
 
 pub struct InProcessDevice {
@@ -157,9 +155,7 @@ impl Env for InProcessEnv<'_> {
     fn console_out(&mut self, bytes: &[u8]) {
         // A closed stdout loses the output, and nothing else.
         if let Some((out, end)) = &mut self.world.console {
-            for m in emulator::console::messages(*end, bytes) {
-                let _ = out.write(&m);
-            }
+            emulator::console::send(out, *end, bytes);
             *end += bytes.len() as u64;
         }
     }
