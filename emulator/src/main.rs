@@ -92,6 +92,12 @@ fn run() -> Result<(), Box<dyn Error>> {
     // Nothing of the guest's is here yet: the slow half of the sandbox
     // comes before the VMM counts this emulator as waiting.
     let isolated = sandbox::isolate()?;
+    // Calibrated before the sandbox (the clock may need a system call) and
+    // while standing by, so that no restart waits for its 10 ms. With one
+    // CPU to run on, a polling emulator only holds up the vCPU that would
+    // queue its next access, and, runnable instead of asleep, is not woken
+    // for that access either.
+    let spin = (args.poll_us > 0 && cpus > 1).then(|| Spin::calibrate(args.poll_us));
     send_waiting(&control)?;
     let (setup, fds) = recv_setup(&control)?;
     control.set_nonblocking(true)?;
@@ -142,14 +148,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         deferred_irqs: Vec::new(),
     };
     let mut sources = Sources::new(source.accesses(), &control, &platform);
-    // Calibrated before the sandbox: the clock may need a system call.
-    // With one CPU to run on, a polling emulator only holds up the vCPU
-    // that would queue its next access, and, runnable instead of asleep, is
-    // not woken for that access either.
-    let spin = match (source.backend(), args.poll_us) {
-        (Some(_), us) if us > 0 && cpus > 1 => Some(Spin::calibrate(us)),
-        _ => None,
-    };
+    let spin = spin.filter(|_| source.backend().is_some());
     enter_sandbox(isolated, &setup.model, &source, &control, &platform, &args)?;
 
     // Only now is guest-controlled data read: the ring, guest memory, the

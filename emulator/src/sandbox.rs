@@ -1,9 +1,9 @@
 //! The emulator's sandbox, entered before it reads anything the guest
 //! controls.
 //!
-//! The VMM starts the emulator in fresh mount, network, PID, IPC and UTS
-//! namespaces (a process cannot enter a new PID namespace itself). Inside
-//! them the emulator
+//! The VMM starts the emulator in fresh mount, PID, IPC and UTS namespaces
+//! (a process cannot enter a new PID namespace itself) and an empty network
+//! namespace its emulators share. Inside them the emulator
 //!
 //! 1. replaces its root with an empty, read-only tmpfs (no file system);
 //! 2. becomes nobody (uid and gid 65534, no supplementary groups), which

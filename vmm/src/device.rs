@@ -40,7 +40,7 @@ pub struct EmulatorSpec {
     /// Start a new emulator (through a new backend fd) when one ends.
     pub restart: bool,
     /// How long a vCPU waits for the emulator, at most 1 s (the kernel's
-    /// default: 100 ms).
+    /// default: 100 ms; with `restart`, [`RESTART_ACCESS_TIMEOUT`]).
     pub access_timeout: Option<Duration>,
     pub transport: Transport,
 }
@@ -75,6 +75,10 @@ impl Tuning {
 /// How long a forwarded load waits for its reply by default, as the
 /// kernel's user device does.
 const DEFAULT_ACCESS_TIMEOUT: Duration = Duration::from_millis(100);
+/// The access timeout with restart, unless one is given: the kernel's
+/// maximum, since a load waiting for the successor must be answered
+/// within it (on the debug kernel a restart takes longer than 100 ms).
+pub const RESTART_ACCESS_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a starting emulator may take to serve its device.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -123,6 +127,8 @@ struct Supervised {
     standby: Option<(Child, UnixDatagram)>,
     /// A delayed kill ([`EmulatedDevice::kill_emulator_later`]) is pending.
     kill_pending: bool,
+    /// When the VMM last killed the emulator, for the restart's log line.
+    killed_at: Option<Instant>,
     /// With [`Transport::Socket`]: the VMM's end of the access socket.
     accesses: Option<Arc<UnixDatagram>>,
     /// Bumped whenever an emulator has ended and was reaped.
@@ -231,7 +237,8 @@ impl EmulatedDevice {
         let user_device = match spec.transport {
             Transport::Ring => {
                 let device = UserDevice::create(vm)?;
-                if let Some(t) = spec.access_timeout {
+                let restart_timeout = spec.restart.then_some(RESTART_ACCESS_TIMEOUT);
+                if let Some(t) = spec.access_timeout.or(restart_timeout) {
                     device.set_timeout(t)?;
                 }
                 spec.tuning.apply(&device)?;
@@ -266,6 +273,7 @@ impl EmulatedDevice {
                 control: None,
                 standby: None,
                 kill_pending: false,
+                killed_at: None,
                 accesses: None,
                 generation: 0,
                 exits: Vec::new(),
@@ -641,6 +649,7 @@ impl EmulatedDevice {
                 emulator::log!("vmm: {}: waiting for emulator pid {pid}: {e}", self.name);
                 return;
             }
+            let hung_up = Instant::now();
             // It is dying, or broke the protocol by closing its end: either
             // way it must go (a signal to a process that exits already
             // changes nothing). The successor takes over now, the reaping
@@ -660,7 +669,15 @@ impl EmulatedDevice {
                 }
             };
             let control = st.control.as_ref().and_then(|c| c.try_clone().ok());
+            let successor = st.child.as_ref().map(|c| c.pid);
+            let killed_at = st.killed_at.take();
             drop(st);
+            if let (Some(control), Some(successor)) = (control, successor) {
+                // An emulator that dies first closes its end: no wait.
+                if handoff::wait_ready(&control, READY_TIMEOUT).is_ok() {
+                    self.log_restart(pid, successor, hung_up, killed_at);
+                }
+            }
             let status = match spawn::wait(pid) {
                 Ok(s) => s,
                 Err(e) => {
@@ -678,24 +695,35 @@ impl EmulatedDevice {
                 emulator::log!("vmm: {}: no emulator; the guest sees all-ones", self.name);
                 return;
             }
-            // The next standby once this emulator serves: starting a
+            // The next standby once the successor serves: starting a
             // process sooner would slow the take-over down.
-            if let Some(control) = control {
-                // An emulator that dies first closes its end: no wait.
-                let _ = handoff::wait_ready(&control, READY_TIMEOUT);
-            }
             self.prepare_standby();
         }
+    }
+
+    /// How long the guest may have waited on a restart: the evidence to
+    /// compare with the access timeout when a load read all-ones.
+    fn log_restart(&self, old: i32, new: i32, hung_up: Instant, killed_at: Option<Instant>) {
+        let ms = |since: Instant| since.elapsed().as_secs_f64() * 1e3;
+        let after_kill = killed_at.map_or(String::new(), |k| {
+            format!(", {:.1} ms after the kill", ms(k))
+        });
+        emulator::log!(
+            "vmm: {}: emulator pid {new} serves {:.1} ms after pid {old} hung up{after_kill}",
+            self.name,
+            ms(hung_up)
+        );
     }
 
     /// Kills the current emulator and waits until it has ended (and, with
     /// restart, a new one was started).
     pub fn kill_emulator(&self) -> Result<(), DeviceError> {
-        let st = self.state.lock().expect("device lock");
+        let mut st = self.state.lock().expect("device lock");
         let Some(child) = &st.child else {
             return Ok(());
         };
         spawn::kill(child).map_err(io("kill emulator"))?;
+        st.killed_at = Some(Instant::now());
         let generation = st.generation;
         let (_st, waited) = self.wait_while(st, Duration::from_secs(10), |st| {
             st.generation == generation
