@@ -414,30 +414,62 @@ fn emulator_killed_in_every_round_goes_unnoticed() {
     assert_eq!(run.count("state region refused"), 0);
 }
 
-/// A device state saved mid-run (control command 4, `--snapshot`), the
-/// device changed and put back into it (command 5: the guest goes on where
-/// it was), and a new VM started from it (`--restore`): the restored
-/// device gives the same answers as the saved one did right after the
-/// snapshot.
+/// A snapshot taken mid-run (control command 4, `--snapshot`): the device
+/// changed and put back into it (command 5: the guest goes on where it
+/// was), and a new VM started from it (`--restore`) in which the guest
+/// goes on from the instruction after command 4, without booting: it
+/// prints the same device answers and ends as the saved VM's guest did.
+/// With two vCPUs only the device is saved, and a new VM boots its guest
+/// afresh with the device restored (`mode=restored`).
 #[test]
 fn snapshot_restores_the_same_device_answers() {
     let file = std::env::temp_dir().join(format!("edu-{}.state", std::process::id()));
     let file_arg = file.to_str().expect("a UTF-8 path");
+    let with_file = ["--edu", "1", "--restart", "--snapshot", file_arg];
     let saved = vmm(
-        &[
-            "--edu",
-            "1",
-            "--restart",
-            "--snapshot",
-            file_arg,
-            "--cmdline",
-            "mode=snapshot",
-        ],
+        &[&with_file[..], &["--cmdline", "mode=snapshot"]].concat(),
         None,
     );
     saved.assert_guest_passed();
     assert_eq!(saved.count("state saved to"), 1);
+    assert_eq!(saved.count("bytes of the VM's"), 1);
     assert_eq!(saved.count("restored in place from the snapshot"), 1);
+    let resumed = vmm(&[&with_file[..], &["--restore", file_arg]].concat(), None);
+    resumed.assert_guest_passed();
+    assert_eq!(resumed.count("the VM goes on from the snapshot"), 1);
+    // Its first emulator, and the one after the restore in place.
+    assert_eq!(resumed.count("resumed the state committed"), 2);
+    assert_eq!(resumed.count("restored in place from the snapshot"), 1);
+    let after_save = |r: &Run| -> Vec<String> {
+        let out = &r.stdout;
+        let from = out.find("# answers:").expect("answers");
+        out[from..].lines().map(str::to_string).collect()
+    };
+    assert!(
+        !resumed.stdout.contains("# edu-test: command line"),
+        "the guest booted again:\n{}",
+        resumed.stdout
+    );
+    assert_eq!(
+        after_save(&saved),
+        resumed
+            .stdout
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+        "the resumed guest printed what the saved one printed after the snapshot"
+    );
+
+    let two_vcpus = vmm(
+        &[
+            &with_file[..],
+            &["--cpus", "2", "--cmdline", "mode=snapshot"],
+        ]
+        .concat(),
+        None,
+    );
+    two_vcpus.assert_guest_passed();
+    assert_eq!(two_vcpus.count("the device's only"), 1);
     let restored = vmm(
         &[
             "--edu",
@@ -453,8 +485,9 @@ fn snapshot_restores_the_same_device_answers() {
     restored.assert_guest_passed();
     assert_eq!(restored.count("restored from a snapshot of device 0"), 1);
     assert_eq!(restored.count("resumed the state committed"), 1);
-    assert_clean(&saved.stats()[0]);
-    assert_clean(&restored.stats()[0]);
+    for run in [&saved, &resumed, &two_vcpus, &restored] {
+        assert_clean(&run.stats()[0]);
+    }
     let answers = |r: &Run| -> Vec<String> {
         r.stdout
             .lines()
@@ -462,10 +495,11 @@ fn snapshot_restores_the_same_device_answers() {
             .map(str::to_string)
             .collect()
     };
-    let (saved, restored) = (answers(&saved), answers(&restored));
+    let (saved, two_vcpus, restored) = (answers(&saved), answers(&two_vcpus), answers(&restored));
     assert_eq!(saved.len(), 4, "{saved:?}");
     assert_eq!(saved[..2], saved[2..], "restored in place");
-    assert_eq!(saved[..2], restored[..], "restored in a new VM");
+    assert_eq!(saved, two_vcpus, "two vCPUs");
+    assert_eq!(saved[..2], restored[..], "the device restored in a new VM");
 }
 
 /// The test-only emulator tries `what` once sandboxed; seccomp must kill it.

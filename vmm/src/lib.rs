@@ -26,5 +26,6 @@ mod realmode;
 pub mod rtc;
 pub mod snapshot;
 pub mod spawn;
+pub mod vmstate;
 
 pub use realmode::{Error, RealModeVm};

@@ -25,6 +25,7 @@ use crate::mptable::{self, PciIrq};
 use crate::pci::{self, Function};
 use crate::rtc;
 use crate::snapshot::Snapshot;
+use crate::vmstate::{self, VcpuState, VmState};
 use crate::{boot, console, irq};
 use emulator::handoff::Transport;
 use emulator::model::Placement;
@@ -149,6 +150,8 @@ pub enum MachineError {
     SecondConsole { index: usize },
     #[error("the snapshot is of device {index}, a {model}, which this VM does not have")]
     SnapshotDevice { index: usize, model: String },
+    #[error("restoring the VM: {0}")]
+    VmState(#[from] vmstate::VmStateError),
     #[error("{0} vCPUs: a VM needs at least one")]
     Cpus(u8),
     #[error("this kernel has no KVM_DEV_TYPE_USER (boot the patched kernel: cargo xtask vm)")]
@@ -230,9 +233,12 @@ struct Shared {
     kill_delay: std::time::Duration,
     kill_rng: Mutex<u64>,
     snapshot: Option<PathBuf>,
+    /// Whether a snapshot includes the VM's own state (vmstate.rs): a PVH
+    /// VM with one vCPU.
+    vm_snapshots: bool,
     vm: VmFd,
     _kvm: Kvm,
-    _ram: Ram,
+    ram: Ram,
 }
 
 pub struct Machine {
@@ -314,12 +320,21 @@ impl Machine {
         irq::set_routing(&vm, &[]).map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
 
         let vcpus = create_vcpus(&kvm, &vm, config.cpus)?;
-        match &config.boot {
-            Boot::Pvh { payload } => {
+        let vm_snapshots = config.cpus == 1 && matches!(config.boot, Boot::Pvh { .. });
+        let resumed = match config.restore.as_ref().filter(|s| !s.machine.is_empty()) {
+            Some(_) if !vm_snapshots => {
+                return Err(vmstate::VmStateError::Cpus(config.cpus.into()))?
+            }
+            Some(s) => Some(vmstate::Machine::decode(&s.machine)?),
+            None => None,
+        };
+        match (&resumed, &config.boot) {
+            (Some(saved), _) => resume(saved, &vm, &ram, &mut devices, &vcpus[0])?,
+            (None, Boot::Pvh { payload }) => {
                 let entry = boot::load(&ram.memory, payload, &config.cmdline)?;
                 boot::setup_vcpu(&vcpus[0], entry)?;
             }
-            Boot::Linux { kernel, initrd } => {
+            (None, Boot::Linux { kernel, initrd }) => {
                 let pci: Vec<PciIrq> = devices
                     .slots
                     .iter()
@@ -354,9 +369,10 @@ impl Machine {
                 // xorshift gets stuck at 0.
                 kill_rng: Mutex::new(config.kill_seed | 1),
                 snapshot: config.snapshot.clone(),
+                vm_snapshots,
                 vm,
                 _kvm: kvm,
-                _ram: ram,
+                ram,
             }),
         })
     }
@@ -417,6 +433,32 @@ impl Machine {
     }
 }
 
+/// Puts a VM's saved state into a new VM with the same devices, whose
+/// vCPU then goes on where the saved one was.
+fn resume(
+    saved: &vmstate::Machine,
+    vm: &VmFd,
+    ram: &Ram,
+    devices: &mut Devices,
+    vcpu: &VcpuFd,
+) -> Result<(), vmstate::VmStateError> {
+    if saved.ram_size != ram.size() {
+        return Err(vmstate::VmStateError::Ram(saved.ram_size));
+    }
+    saved.restore_pages(&ram.memory)?;
+    for (dev, config) in &saved.pci {
+        if !devices.bus.restore(*dev, config) {
+            return Err(vmstate::VmStateError::Pci(*dev));
+        }
+        // BAR0's place and the MSI route follow.
+        devices.config_changed(vm, *dev);
+    }
+    saved.vm.restore(vm)?;
+    saved.vcpu.restore(vcpu)?;
+    emulator::log!("vmm: the VM goes on from the snapshot");
+    Ok(())
+}
+
 /// vCPUs 0..count, each with CPUID naming its APIC id. vCPU 0 is the boot
 /// CPU; with the in-kernel LAPIC the others wait for INIT and SIPI.
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<Vec<VcpuFd>, MachineError> {
@@ -457,10 +499,16 @@ impl Shared {
                 VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) => {
                     "reset itself (i8042 reset pulse)".to_string()
                 }
-                VcpuExit::IoOut(port, data) => match self.io_out(port, data) {
-                    Some(status) => return Ok(status),
-                    None => continue,
-                },
+                VcpuExit::IoOut(port, data) => {
+                    let value = pci::le(data);
+                    if let Some(status) = self.io_out(port, data) {
+                        return Ok(status);
+                    }
+                    if port == CONTROL_PORT && value >> 8 == CONTROL_SAVE_STATE {
+                        self.save_snapshot(vcpu, (value & 0xff) as usize);
+                    }
+                    continue;
+                }
                 VcpuExit::IoIn(port, data) => {
                     self.io_in(port, data);
                     continue;
@@ -566,40 +614,71 @@ impl Shared {
                 dev.kill_emulator_later(delay);
             }
             (CONTROL_WAIT_FOR_KILLS, Some(dev)) => dev.wait_for_kills(),
-            (CONTROL_SAVE_STATE, Some(dev)) => self.save_state(index, &dev),
+            // Taken by the vCPU's thread, which holds the vCPU.
+            (CONTROL_SAVE_STATE, Some(_)) => {}
             (CONTROL_RESTORE_STATE, Some(dev)) => self.restore_state(index, &dev),
             _ => emulator::log!("vmm: unknown control request {value:#x}"),
         }
     }
 
-    /// Saves device `index`'s state to the snapshot file; a failure is
-    /// logged (the guest learns of it from the file's absence).
-    fn save_state(&self, index: usize, dev: &EmulatedDevice) {
+    /// Saves device `index`'s state to the snapshot file, and with it the
+    /// VM's own if it has one vCPU, `vcpu`, which has stopped at the
+    /// guest's request; a failure is logged (the guest learns of it from
+    /// the file's absence).
+    fn save_snapshot(&self, vcpu: &mut VcpuFd, index: usize) {
+        let device = match self.devices().slots.get(index).map(|s| &s.server) {
+            Some(Server::Emulator(dev)) => dev.clone(),
+            _ => return,
+        };
         let Some(path) = &self.snapshot else {
             emulator::log!("vmm: the guest asks for a snapshot, and there is no --snapshot file");
             return;
         };
-        let saved = dev
-            .save_state()
-            .map_err(|e| e.to_string())
-            .and_then(|state| {
-                let s = Snapshot {
-                    index,
-                    model: dev.model().to_string(),
-                    state,
-                };
-                s.write(path)
-                    .map(|()| s.state.len())
-                    .map_err(|e| e.to_string())
-            });
+        let saved = (|| -> Result<Snapshot, String> {
+            let state = device.save_state().map_err(|e| e.to_string())?;
+            let machine = if self.vm_snapshots {
+                self.save_machine(vcpu).map_err(|e| e.to_string())?
+            } else {
+                Vec::new()
+            };
+            let s = Snapshot {
+                index,
+                model: device.model().to_string(),
+                state,
+                machine,
+            };
+            s.write(path).map_err(|e| e.to_string())?;
+            Ok(s)
+        })();
         match saved {
-            Ok(len) => emulator::log!(
-                "vmm: {}: state saved to {} ({len} bytes)",
-                dev.name,
-                path.display()
+            Ok(s) => emulator::log!(
+                "vmm: {}: state saved to {} ({} bytes{})",
+                device.name,
+                path.display(),
+                s.state.len(),
+                if s.machine.is_empty() {
+                    ", the device's only: the VM has more than one vCPU or is not a PVH payload's"
+                        .to_string()
+                } else {
+                    format!(", and {} bytes of the VM's", s.machine.len())
+                }
             ),
-            Err(e) => emulator::log!("vmm: {}: saving the state: {e}", dev.name),
+            Err(e) => emulator::log!("vmm: {}: saving the state: {e}", device.name),
         }
+    }
+
+    /// The VM's own state, with `vcpu` (the only one) past the instruction
+    /// that asked.
+    fn save_machine(&self, vcpu: &mut VcpuFd) -> Result<Vec<u8>, vmstate::VmStateError> {
+        vmstate::complete_exit(vcpu)?;
+        let machine = vmstate::Machine {
+            vcpu: VcpuState::save(vcpu)?,
+            vm: VmState::save(&self.vm)?,
+            pci: self.devices().bus.save(),
+            ram_size: self.ram.size(),
+            pages: vmstate::Machine::save_pages(&self.ram.memory, self.ram.size())?,
+        };
+        Ok(machine.encode())
     }
 
     /// Puts device `index` back into the state of the snapshot file; a

@@ -105,13 +105,15 @@ struct Args {
     /// The seed of those delays.
     #[arg(long, default_value_t = 1)]
     kill_seed: u64,
-    /// Where to save a device's state when the payload asks (control
-    /// command 4: the device's queue drained, its emulator's last
-    /// committed state; vmm/src/snapshot.rs), and what command 5 puts the
-    /// running device back into (with --restart).
+    /// Where to save a snapshot when the payload asks (control command 4:
+    /// the device's queue drained, its emulator's last committed state,
+    /// and in a PVH VM with one vCPU the VM's own state; vmm/src/snapshot.rs
+    /// and vmstate.rs), and what command 5 puts the running device back
+    /// into (with --restart).
     #[arg(long)]
     snapshot: Option<PathBuf>,
-    /// Start the device a snapshot names from the state in it.
+    /// Start from a snapshot: the guest goes on where it was, or, if the
+    /// snapshot holds the device only, boots with the device restored.
     #[arg(long)]
     restore: Option<PathBuf>,
 }

@@ -177,6 +177,28 @@ impl Bus {
         self.slots.get(device as usize)?.as_ref()
     }
 
+    /// Every function's device number and configuration space, for a
+    /// snapshot.
+    pub fn save(&self) -> Vec<(u8, [u8; 256])> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(dev, f)| Some((dev as u8, f.as_ref()?.config.bytes)))
+            .collect()
+    }
+
+    /// Puts a saved configuration space back into function `device`,
+    /// which must be there already (the same devices, in the same order).
+    pub fn restore(&mut self, device: u8, bytes: &[u8; 256]) -> bool {
+        match self.slots.get_mut(device as usize) {
+            Some(Some(f)) => {
+                f.config.bytes = *bytes;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// For an access of `len` bytes at data port `port`: the device the
     /// address register selects, if present, the configuration offset, and
     /// how many bytes of the access stay inside the selected dword.

@@ -1,12 +1,14 @@
-//! A device's state in a file: what `--snapshot` writes when the guest
-//! asks (control command 4) and `--restore` reads back into a new VM.
+//! A snapshot in a file: what `--snapshot` writes when the guest asks
+//! (control command 4) and `--restore` reads back into a new VM.
 //!
 //! ```text
 //!  0  magic "KVMUDEVS"
-//!  8  version (u32): 1
+//!  8  version (u32): 2
 //! 12  device index (u32): its place in the VMM's device list
 //! 16  model name length (u32), then the name (UTF-8)
 //!     state length (u32), then the model's state (DeviceModel::save)
+//!     VM state length (u64), then the VM's own state (vmstate.rs), if
+//!     it was saved (a VM with one vCPU)
 //! ```
 //!
 //! All little-endian. The state is what the device's emulators commit to
@@ -16,7 +18,7 @@
 use std::path::Path;
 
 const MAGIC: [u8; 8] = *b"KVMUDEVS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// A bound for the name, well above any model's.
 const MAX_MODEL_NAME: usize = 64;
 
@@ -38,6 +40,9 @@ pub struct Snapshot {
     pub index: usize,
     pub model: String,
     pub state: Vec<u8>,
+    /// The VM's own state ([`crate::vmstate::Machine`], encoded), or
+    /// nothing: a new VM then boots its guest afresh.
+    pub machine: Vec<u8>,
 }
 
 impl Snapshot {
@@ -50,6 +55,8 @@ impl Snapshot {
         b.extend_from_slice(self.model.as_bytes());
         b.extend_from_slice(&(self.state.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.state);
+        b.extend_from_slice(&(self.machine.len() as u64).to_le_bytes());
+        b.extend_from_slice(&self.machine);
         b
     }
 
@@ -79,13 +86,16 @@ impl Snapshot {
             .to_string();
         let state_len = u32_at(take(4, "no state length")?) as usize;
         let state = take(state_len, "a short state")?.to_vec();
-        if !bytes.is_empty() {
-            return Err(SnapshotError::Format("bytes after the state"));
+        let machine_len = take(8, "no VM state length")?;
+        let machine_len = u64::from_le_bytes(machine_len.try_into().expect("8 bytes"));
+        if machine_len != bytes.len() as u64 {
+            return Err(SnapshotError::Format("a VM state of another length"));
         }
         Ok(Snapshot {
             index,
             model,
             state,
+            machine: bytes.to_vec(),
         })
     }
 
@@ -119,6 +129,7 @@ mod tests {
             index: 2,
             model: "edu".into(),
             state: (0..300).map(|i| i as u8).collect(),
+            machine: vec![7; 40],
         }
     }
 
@@ -150,7 +161,7 @@ mod tests {
         for bad in [
             longer,
             set(0, b"X"),
-            set(8, &2u32.to_le_bytes()),
+            set(8, &1u32.to_le_bytes()),
             set(16, &65u32.to_le_bytes()),
             set(16, &u32::MAX.to_le_bytes()),
             set(20, &[0xff]),

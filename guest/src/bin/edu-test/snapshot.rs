@@ -4,10 +4,12 @@
 //! flag, DMA registers and a DMA buffer of a known pattern), asks the VMM to
 //! save it (control command 4) and reads the device's answers; then changes
 //! all of it, has the VMM restore the saved state (command 5) and reads
-//! them again, going on where it was. mode=restored, in a VM started with
-//! `--restore`, reads them without changing the device first. Each prints
-//! the answers, so that the test can see they are the same, and checks
-//! them against what the state must be.
+//! them again, going on where it was. A VM started from the snapshot
+//! (`--restore`) goes on after command 4 and does all that again.
+//! mode=restored, in a freshly booted VM whose device alone was restored
+//! (a snapshot of a VM with more vCPUs), reads them without changing the
+//! device first. Each prints the answers, so that the test can see they
+//! are the same, and checks them against what the state must be.
 
 use kvm_userdev_guest::platform::{self, CONTROL_RESTORE_STATE, CONTROL_SAVE_STATE};
 use kvm_userdev_guest::println;
@@ -123,7 +125,10 @@ fn answers(t: &mut Tap, edu: &Edu, when: &str) {
         );
         return;
     }
-    let sum = (0..TARGET.len()).fold(0u32, |s, o| s.rotate_left(5) ^ u32::from(TARGET.read(o)));
+    // FNV-1: a rotate-and-xor sum cancels out over the buffer's period.
+    let sum = (0..TARGET.len()).fold(0x811c_9dc5u32, |s, o| {
+        s.wrapping_mul(0x0100_0193) ^ u32::from(TARGET.read(o))
+    });
     println!("# answers: DMA buffer checksum {sum:#010x}");
     match (0..TARGET.len()).find(|&o| TARGET.read(o) != pattern(o)) {
         None => t.pass(format_args!("edu{i}: DMA buffer {when}")),
