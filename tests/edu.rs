@@ -437,6 +437,8 @@ fn snapshot_restores_the_same_device_answers() {
     let resumed = vmm(&[&with_file[..], &["--restore", file_arg]].concat(), None);
     resumed.assert_guest_passed();
     assert_eq!(resumed.count("the VM goes on from the snapshot"), 1);
+    // The OUT that asked was completed before the vCPU was saved.
+    assert_eq!(resumed.count("state saved to"), 0, "command 4 again");
     // Its first emulator, and the one after the restore in place.
     assert_eq!(resumed.count("resumed the state committed"), 2);
     assert_eq!(resumed.count("restored in place from the snapshot"), 1);

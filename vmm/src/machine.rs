@@ -676,7 +676,7 @@ impl Shared {
             vm: VmState::save(&self.vm)?,
             pci: self.devices().bus.save(),
             ram_size: self.ram.size(),
-            pages: vmstate::Machine::save_pages(&self.ram.memory, self.ram.size())?,
+            pages: vmstate::Machine::save_pages(self.ram.memory_file(), self.ram.size())?,
         };
         Ok(machine.encode())
     }

@@ -73,4 +73,9 @@ impl Ram {
     pub fn size(&self) -> u64 {
         self.size
     }
+
+    /// The memory file itself, for a snapshot to read.
+    pub fn memory_file(&self) -> &File {
+        &self.file
+    }
 }
