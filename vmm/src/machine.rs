@@ -40,8 +40,8 @@ pub const EXIT_PORT: u16 = 0x501;
 /// kills it after a random delay ([`Config::kill_delay`]) and returns once
 /// that kill is armed ([`EmulatedDevice::kill_emulator_later`]), command 3
 /// returns once no such kill is pending and an emulator serves, command 4
-/// saves the device's state to [`Config::snapshot`] and returns once it is
-/// written, command 5 puts the device back into the state saved there and
+/// saves the device's state to [`Config::snapshot`] (and the VM's own, in a
+/// PVH VM with one vCPU) and returns once it is written, command 5 puts the device back into the state saved there and
 /// returns once an emulator serves it from that state.
 pub const CONTROL_PORT: u16 = 0x502;
 const CONTROL_KILL: u32 = 1;
@@ -91,9 +91,10 @@ pub struct Config {
     /// the seed of the delays: the same seed gives the same delays.
     pub kill_delay: std::time::Duration,
     pub kill_seed: u64,
-    /// Where command 4 saves a device's state.
+    /// Where command 4 saves a snapshot, and command 5 reads it.
     pub snapshot: Option<PathBuf>,
-    /// A device state to start from, for the device it names.
+    /// A snapshot to start from: the VM's state if it holds one, and the
+    /// state of the device it names.
     pub restore: Option<Snapshot>,
 }
 
@@ -499,16 +500,16 @@ impl Shared {
                 VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) => {
                     "reset itself (i8042 reset pulse)".to_string()
                 }
-                VcpuExit::IoOut(port, data) => {
-                    let value = pci::le(data);
-                    if let Some(status) = self.io_out(port, data) {
-                        return Ok(status);
-                    }
-                    if port == CONTROL_PORT && value >> 8 == CONTROL_SAVE_STATE {
-                        self.save_snapshot(vcpu, (value & 0xff) as usize);
-                    }
+                // Taken here, not in `control`: it needs the vCPU.
+                VcpuExit::IoOut(CONTROL_PORT, data) if pci::le(data) >> 8 == CONTROL_SAVE_STATE => {
+                    let index = (pci::le(data) & 0xff) as usize;
+                    self.save_snapshot(vcpu, index);
                     continue;
                 }
+                VcpuExit::IoOut(port, data) => match self.io_out(port, data) {
+                    Some(status) => return Ok(status),
+                    None => continue,
+                },
                 VcpuExit::IoIn(port, data) => {
                     self.io_in(port, data);
                     continue;
@@ -614,8 +615,6 @@ impl Shared {
                 dev.kill_emulator_later(delay);
             }
             (CONTROL_WAIT_FOR_KILLS, Some(dev)) => dev.wait_for_kills(),
-            // Taken by the vCPU's thread, which holds the vCPU.
-            (CONTROL_SAVE_STATE, Some(_)) => {}
             (CONTROL_RESTORE_STATE, Some(dev)) => self.restore_state(index, &dev),
             _ => emulator::log!("vmm: unknown control request {value:#x}"),
         }
@@ -628,7 +627,10 @@ impl Shared {
     fn save_snapshot(&self, vcpu: &mut VcpuFd, index: usize) {
         let device = match self.devices().slots.get(index).map(|s| &s.server) {
             Some(Server::Emulator(dev)) => dev.clone(),
-            _ => return,
+            _ => {
+                emulator::log!("vmm: a snapshot of device {index}, which no emulator serves");
+                return;
+            }
         };
         let Some(path) = &self.snapshot else {
             emulator::log!("vmm: the guest asks for a snapshot, and there is no --snapshot file");

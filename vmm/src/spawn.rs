@@ -81,6 +81,17 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
 }
 
+/// Says what EPERM means when a namespace is made.
+fn needs_root(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "creating namespaces for the emulator needs root (CAP_SYS_ADMIN)",
+        ),
+        _ => e,
+    }
+}
+
 /// Starts `program args...` in fresh namespaces with `socket` as
 /// descriptor 3. Needs CAP_SYS_ADMIN (the VMM runs as root in the test VM).
 pub fn spawn(program: &Path, args: &[String], socket: &impl AsRawFd) -> io::Result<Child> {
@@ -95,13 +106,7 @@ pub fn spawn(program: &Path, args: &[String], socket: &impl AsRawFd) -> io::Resu
     argv.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let socket = socket.as_raw_fd();
-    let netns = empty_netns().map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) => io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "creating namespaces for the emulator needs root (CAP_SYS_ADMIN)",
-        ),
-        _ => e,
-    })?;
+    let netns = empty_netns().map_err(needs_root)?;
 
     let mut pidfd: libc::c_int = -1;
     let args = CloneArgs {
@@ -125,14 +130,7 @@ pub fn spawn(program: &Path, args: &[String], socket: &impl AsRawFd) -> io::Resu
         )
     };
     if pid < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EPERM) => io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "creating namespaces for the emulator needs root (CAP_SYS_ADMIN)",
-            ),
-            _ => e,
-        });
+        return Err(needs_root(io::Error::last_os_error()));
     }
     if pid == 0 {
         // SAFETY: async-signal-safe calls on prepared data; never returns.
