@@ -20,10 +20,13 @@ pub mod console;
 pub mod edu;
 pub mod handoff;
 pub mod model;
+pub mod pci;
 pub mod sandbox;
 pub mod serve;
+pub mod spawn;
 pub mod state;
 pub mod uart;
+pub mod vfio_user;
 pub mod wire;
 
 /// Writes one line to stderr with a single write, so that the lines of

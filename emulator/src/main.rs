@@ -2,7 +2,12 @@
 //! in fresh namespaces with the handoff socket as a descriptor.
 //!
 //! Usage: `kvm-userdev-emulator [--socket-fd N] [--poll-us N]
-//! [--trace-accesses]`: the handoff socket's descriptor (default 3); the
+//! [--trace-accesses]`, or `kvm-userdev-emulator --vfio-user PATH [--model
+//! edu] [--trace-accesses]` to serve a vfio-user client (QEMU's
+//! `-device vfio-user-pci,socket=PATH`) in the same sandbox; with a KVM
+//! user device from the client, `--forward OFFSET` and `--batch OFFSET`
+//! shape its access map as the VMM's options of those names do. Without
+//! `--vfio-user`: the handoff socket's descriptor (default 3); the
 //! most microseconds to keep watching the ring for more accesses before
 //! going to sleep, a window that adapts to how close together accesses come
 //! (default 200; 0: sleep at once, as it always does on a machine with one
@@ -30,6 +35,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 struct Args {
     socket_fd: RawFd,
+    /// Serve a vfio-user client that connects to this path.
+    vfio_user: Option<std::path::PathBuf>,
+    /// The sandboxed half of `--vfio-user`: the connected client at this
+    /// descriptor.
+    vfio_user_fd: Option<RawFd>,
+    /// The device model a vfio-user server presents.
+    model: String,
+    /// A vfio-user server's access map: offsets forwarded, offsets batched.
+    map: emulator::serve::MapSpec,
     /// The limit of the adaptive ring polling (0: sleep at once).
     poll_us: u64,
     probe: Option<String>,
@@ -41,6 +55,10 @@ const DEFAULT_POLL_US: u64 = 200;
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         socket_fd: 3,
+        vfio_user: None,
+        vfio_user_fd: None,
+        model: "edu".into(),
+        map: Default::default(),
         poll_us: DEFAULT_POLL_US,
         probe: None,
     };
@@ -52,6 +70,26 @@ fn parse_args() -> Result<Args, String> {
                 args.socket_fd = v
                     .parse()
                     .map_err(|_| format!("--socket-fd {v}: not a number"))?;
+            }
+            "--vfio-user" => {
+                args.vfio_user = Some(it.next().ok_or("--vfio-user needs a socket path")?.into());
+            }
+            "--vfio-user-fd" => {
+                let v = it.next().ok_or("--vfio-user-fd needs a number")?;
+                let fd = v
+                    .parse()
+                    .map_err(|_| format!("--vfio-user-fd {v}: not a number"))?;
+                args.vfio_user_fd = Some(fd);
+            }
+            "--model" => args.model = it.next().ok_or("--model needs a name")?,
+            "--forward" | "--batch" => {
+                let v = it.next().ok_or(format!("{a} needs a BAR0 offset"))?;
+                let offset =
+                    emulator::handoff::parse_u64(&v).ok_or(format!("{a} {v}: not a number"))?;
+                match a.as_str() {
+                    "--forward" => args.map.forward.push(offset),
+                    _ => args.map.batch.push(offset),
+                }
             }
             "--trace-accesses" => {
                 emulator::serve::TRACE.store(true, std::sync::atomic::Ordering::Relaxed)
@@ -80,6 +118,12 @@ fn eventfd(fd: OwnedFd) -> EventFd {
 
 fn run() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
+    if let Some(path) = &args.vfio_user {
+        return vfio_user_listen(path, &args);
+    }
+    if let Some(fd) = args.vfio_user_fd {
+        return vfio_user_serve(fd, &args);
+    }
     if args.socket_fd <= 2 {
         return Err(format!("--socket-fd {} is a standard stream", args.socket_fd).into());
     }
@@ -128,7 +172,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         shadow,
         intx: fds
             .intx
-            .map(|(irq, resample)| Intx::new(eventfd(irq), eventfd(resample))),
+            .map(|(irq, resample)| Intx::new(eventfd(irq), Some(eventfd(resample)))),
         isa: fds.isa_irq.map(|irq| IsaIrq::new(eventfd(irq))),
         msi: fds.msi.into_iter().map(eventfd).collect(),
         msi_enabled: setup.msi_enabled,
@@ -218,6 +262,102 @@ fn run() -> Result<(), Box<dyn Error>> {
     }
 }
 
+/// `--vfio-user PATH`: waits for one client on `PATH`, then serves it from
+/// a sandboxed copy of this program in fresh namespaces (the sandbox needs
+/// to be PID 1 of its own), and ends as that copy ends.
+fn vfio_user_listen(path: &std::path::Path, args: &Args) -> Result<(), Box<dyn Error>> {
+    let pci = model::by_name(&args.model).is_some_and(|m| m.placement().pci().is_some());
+    if !pci {
+        return Err(format!("--model {}: not a PCI device model", args.model).into());
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| format!("vfio-user socket {}: {e}", path.display()))?;
+    emulator::log!(
+        "emulator[{}]: vfio-user server waiting on {}",
+        args.model,
+        path.display()
+    );
+    let (client, _) = listener.accept()?;
+    // One client per server: nobody else may connect.
+    drop(listener);
+    let _ = std::fs::remove_file(path);
+    let mut child_args = vec![
+        "--vfio-user-fd".into(),
+        "3".into(),
+        "--model".into(),
+        args.model.clone(),
+    ];
+    for (flag, offsets) in [
+        ("--forward", &args.map.forward),
+        ("--batch", &args.map.batch),
+    ] {
+        for offset in offsets {
+            child_args.extend([flag.to_string(), format!("{offset:#x}")]);
+        }
+    }
+    child_args.extend(["--poll-us".to_string(), args.poll_us.to_string()]);
+    if emulator::serve::TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+        child_args.push("--trace-accesses".into());
+    }
+    let child = emulator::spawn::spawn(&std::env::current_exe()?, &child_args, &client)?;
+    drop(client);
+    match emulator::spawn::wait(child.pid)? {
+        emulator::spawn::ExitStatus::Exited(0) => Ok(()),
+        status => Err(format!("the sandboxed server {status}").into()),
+    }
+}
+
+/// The sandboxed vfio-user server, on the client connected at `fd`.
+fn vfio_user_serve(fd: RawFd, args: &Args) -> Result<(), Box<dyn Error>> {
+    if fd <= 2 {
+        return Err(format!("--vfio-user-fd {fd} is a standard stream").into());
+    }
+    // SAFETY: our parent started us with the client's connection at this
+    // descriptor, which nothing else in this process owns.
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let isolated = sandbox::isolate()?;
+    let mut server = emulator::vfio_user::Server::new(stream, &args.model, true)?;
+    server.set_access_map_spec(args.map.clone());
+    if args.poll_us > 0 && cpus > 1 {
+        server.set_spin(Spin::calibrate(args.poll_us));
+    }
+    let report = sandbox::lock_down(
+        isolated,
+        &sandbox::Fds {
+            accesses: sandbox::Accesses::VfioUser(fd),
+            control: None,
+            resample: None,
+            irqfds: Vec::new(),
+            console_in: None,
+            console_out: None,
+        },
+    )?;
+    emulator::log!(
+        "emulator[{}]: vfio-user server sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
+        args.model,
+        sandbox::NOBODY,
+        report.landlock,
+        report.syscalls
+    );
+    let result = server.run();
+    let counters = format!("{}; ring: {}", server.counters, server.served);
+    // Exit without running destructors, as the ring's server does.
+    match result {
+        Ok(()) => {
+            emulator::log!(
+                "emulator[{}]: vfio-user client gone: {counters}",
+                args.model
+            );
+            std::process::exit(0)
+        }
+        Err(e) => {
+            emulator::log!("emulator[{}]: vfio-user: {e}; {counters}", args.model);
+            std::process::exit(1)
+        }
+    }
+}
+
 /// Locks this process down to the descriptors it serves with, and says so.
 fn enter_sandbox(
     isolated: sandbox::Isolated,
@@ -235,8 +375,12 @@ fn enter_sandbox(
         isolated,
         &sandbox::Fds {
             accesses: source.accesses().sandboxed(),
-            control: control.as_raw_fd(),
-            resample: platform.intx.as_ref().map(|i| i.resample.as_raw_fd()),
+            control: Some(control.as_raw_fd()),
+            resample: platform
+                .intx
+                .as_ref()
+                .and_then(|i| i.resample.as_ref())
+                .map(|r| r.as_raw_fd()),
             irqfds,
             console_in: console.map(|c| c.input.as_raw_fd()),
             console_out: console.map(|c| c.output.as_raw_fd()),

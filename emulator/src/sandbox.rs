@@ -7,7 +7,8 @@
 //!
 //! 1. replaces its root with an empty, read-only tmpfs (no file system);
 //! 2. becomes nobody (uid and gid 65534, no supplementary groups), which
-//!    drops every capability;
+//!    drops every capability, and sets again the parent-death signal
+//!    (SIGKILL) that the credential change cleared;
 //! 3. adds a Landlock ruleset that handles every file-system and network
 //!    right and grants none, and scopes signals and abstract sockets (a
 //!    second wall should the first fall);
@@ -64,7 +65,8 @@ pub enum SandboxError {
 #[derive(Clone, Debug)]
 pub struct Fds {
     pub accesses: Accesses,
-    pub control: RawFd,
+    /// The handoff socket to the VMM (none for a vfio-user server).
+    pub control: Option<RawFd>,
     pub resample: Option<RawFd>,
     /// INTx, ISA and MSI irqfds.
     pub irqfds: Vec<RawFd>,
@@ -80,12 +82,16 @@ pub enum Accesses {
     Ring(RawFd),
     /// A socket from a VMM that forwards its exits (see [`crate::wire`]).
     Socket(RawFd),
+    /// A vfio-user client's socket ([`crate::vfio_user`]): requests with
+    /// descriptors attached, eventfds moved to
+    /// [`crate::vfio_user::SLOTS`].
+    VfioUser(RawFd),
 }
 
 impl Accesses {
     fn fd(self) -> RawFd {
         match self {
-            Accesses::Ring(fd) | Accesses::Socket(fd) => fd,
+            Accesses::Ring(fd) | Accesses::Socket(fd) | Accesses::VfioUser(fd) => fd,
         }
     }
 }
@@ -218,8 +224,9 @@ fn set_limit(
 }
 
 fn limit_resources(fds: &Fds) -> Result<(), SandboxError> {
-    let highest = [fds.accesses.fd(), fds.control]
+    let highest = [fds.accesses.fd()]
         .into_iter()
+        .chain(fds.control)
         .chain(fds.resample)
         .chain(fds.irqfds.iter().copied())
         .chain(fds.console_in)
@@ -227,7 +234,13 @@ fn limit_resources(fds: &Fds) -> Result<(), SandboxError> {
         .max()
         .unwrap_or(2)
         .max(2);
-    set_limit(libc::RLIMIT_NOFILE, highest as u64 + 1, "RLIMIT_NOFILE")?;
+    // A vfio-user server receives descriptors and keeps its eventfds at
+    // fixed slots below this limit.
+    let limit = match fds.accesses {
+        Accesses::VfioUser(_) => crate::vfio_user::SLOTS.end,
+        _ => highest + 1,
+    };
+    set_limit(libc::RLIMIT_NOFILE, limit as u64, "RLIMIT_NOFILE")?;
     set_limit(libc::RLIMIT_FSIZE, 0, "RLIMIT_FSIZE")?;
     set_limit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
     set_limit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
@@ -243,6 +256,13 @@ fn become_nobody() -> Result<(), SandboxError> {
         check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
         check(libc::setresgid(NOBODY, NOBODY, NOBODY), "setresgid nobody")?;
         check(libc::setresuid(NOBODY, NOBODY, NOBODY), "setresuid nobody")?;
+        // The credential change cleared the parent-death signal that our
+        // parent set before exec: without it a killed parent would leave
+        // this process serving (a vfio-user client's socket stays open).
+        check(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL),
+            "PR_SET_PDEATHSIG",
+        )?;
     }
     Ok(())
 }
@@ -279,10 +299,12 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
 
     // Log lines, irqfd triggers, readiness to the VMM (std sends on a
     // connected socket with write(2)), console output.
-    let mut writers = vec![libc::STDERR_FILENO, fds.control];
+    let mut writers = vec![libc::STDERR_FILENO];
+    writers.extend(fds.control);
     writers.extend(&fds.irqfds);
     writers.extend(fds.console_out);
-    let mut receivers = vec![fds.control];
+    let mut receivers: Vec<RawFd> = fds.control.into_iter().collect();
+    let mut readers: Vec<RawFd> = fds.resample.into_iter().chain(fds.console_in).collect();
     let mut rules = BTreeMap::new();
     match fds.accesses {
         Accesses::Ring(backend) => {
@@ -303,6 +325,48 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
             receivers.push(socket);
             writers.push(socket);
         }
+        Accesses::VfioUser(socket) => {
+            // Requests, some with descriptors (recvmsg), the rest of a
+            // request (std reads a stream socket with recvfrom), replies
+            // (std writes one with sendto and MSG_NOSIGNAL).
+            rules.insert(libc::SYS_recvmsg, on_fds(&[socket]));
+            rules.insert(libc::SYS_sendto, on_fds(&[socket]));
+            receivers.push(socket);
+            // Eventfds the client sends are moved to the slots (dup3 to a
+            // slot), written (triggers) and read (INTx unmask) there.
+            let slots = crate::vfio_user::SLOTS;
+            let slot = SeccompRule::new(vec![
+                Cond::new(1, Len::Dword, Cmp::Ge, slots.start as u64).expect("valid condition"),
+                Cond::new(1, Len::Dword, Cmp::Lt, slots.end as u64).expect("valid condition"),
+            ])
+            .expect("valid rule");
+            rules.insert(libc::SYS_dup3, vec![slot]);
+            // A user device's backend, in its slot: the ring's ioctls, and
+            // the shadow image, which it sets up once handed over.
+            let backend = crate::vfio_user::BACKEND_SLOT;
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![
+                    ioctl(backend, userdev::sys::KVM_USER_WAKE()),
+                    ioctl(backend, userdev::sys::KVM_USER_SET_ACCESS_MAP()),
+                    ioctl(backend, userdev::sys::KVM_USER_SET_SHADOW_SIZE()),
+                ],
+            );
+            writers.extend(slots.clone());
+            readers.extend(slots);
+            // Guest memory comes and goes with DMA map and unmap: mmap as
+            // below, and close(2) for the descriptors behind it, the ones
+            // the slots replace and any the server refuses.
+            rules.insert(libc::SYS_close, vec![]);
+            // std's debug builds check that a descriptor is open before
+            // they close it.
+            let getfd =
+                Cond::new(1, Len::Dword, Cmp::Eq, libc::F_GETFD as u64).expect("valid condition");
+            rules.insert(
+                libc::SYS_fcntl,
+                vec![SeccompRule::new(vec![getfd]).expect("valid rule")],
+            );
+        }
     }
     // Event loop: poll(2) (glibc may use either call). Its descriptors are
     // in memory, out of seccomp's reach; waiting on a descriptor gives
@@ -315,12 +379,13 @@ pub fn allowed(fds: &Fds) -> BTreeMap<i64, Vec<SeccompRule>> {
     // output.
     rules.insert(libc::SYS_write, on_fds(&writers));
     // The INTx resample eventfd, console input.
-    let readers: Vec<RawFd> = fds.resample.into_iter().chain(fds.console_in).collect();
     if !readers.is_empty() {
         rules.insert(libc::SYS_read, on_fds(&readers));
     }
     // Control messages from the VMM, forwarded accesses (recv(2) is recvfrom on x86-64).
-    rules.insert(libc::SYS_recvfrom, on_fds(&receivers));
+    if !receivers.is_empty() {
+        rules.insert(libc::SYS_recvfrom, on_fds(&receivers));
+    }
     // The state region (crate::state) is mapped before the sandbox goes
     // up and used as plain memory after: it needs no call of its own.
     // The allocator: never executable memory.
@@ -388,7 +453,7 @@ mod tests {
     fn filter_compiles_and_pins_fds() {
         let fds = Fds {
             accesses: Accesses::Ring(3),
-            control: 4,
+            control: Some(4),
             resample: Some(7),
             irqfds: vec![6, 8],
             console_in: None,
@@ -419,7 +484,7 @@ mod tests {
         // A UART: one ISA irqfd, a console, no INTx.
         let uart = Fds {
             accesses: Accesses::Ring(3),
-            control: 4,
+            control: Some(4),
             resample: None,
             irqfds: vec![6],
             console_in: Some(9),
@@ -433,6 +498,26 @@ mod tests {
         assert!(!rules.contains_key(&libc::SYS_writev));
         assert!(!rules.contains_key(&libc::SYS_readv));
         assert_eq!(rules.len(), allowed(&fds).len());
+        filter(rules).unwrap();
+        // A vfio-user server: no VMM, descriptors come and go.
+        let vfio_user = Fds {
+            accesses: Accesses::VfioUser(3),
+            control: None,
+            resample: None,
+            irqfds: vec![],
+            console_in: None,
+            console_out: None,
+        };
+        let rules = allowed(&vfio_user);
+        let slots = crate::vfio_user::SLOTS.len();
+        // stderr, the slots.
+        assert_eq!(rules[&libc::SYS_write].len(), 1 + slots);
+        assert_eq!(rules[&libc::SYS_sendto].len(), 1);
+        assert_eq!(rules[&libc::SYS_read].len(), slots);
+        assert_eq!(rules[&libc::SYS_recvmsg].len(), 1);
+        assert_eq!(rules[&libc::SYS_recvfrom].len(), 1);
+        assert_eq!(rules[&libc::SYS_dup3].len(), 1);
+        assert_eq!(rules[&libc::SYS_ioctl].len(), 3);
         filter(rules).unwrap();
     }
 }

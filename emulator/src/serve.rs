@@ -55,15 +55,16 @@ pub static TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 
 /// INTx as an irqfd with a resample fd: the line stays high from a trigger
 /// until the guest's EOI, when KVM signals the resample fd; if the device
-/// still wants the line high, trigger again.
+/// still wants the line high, trigger again. (A vfio-user client without
+/// KVM's irqchip sends the EOI as a message instead of a resample fd.)
 pub struct Intx {
     pub irqfd: EventFd,
-    pub resample: EventFd,
+    pub resample: Option<EventFd>,
     high: bool,
 }
 
 impl Intx {
-    pub fn new(irqfd: EventFd, resample: EventFd) -> Self {
+    pub fn new(irqfd: EventFd, resample: Option<EventFd>) -> Self {
         Intx {
             irqfd,
             resample,
@@ -164,6 +165,27 @@ pub struct MapSpec {
 }
 
 impl Platform {
+    /// A platform with nothing attached yet: no guest memory, no
+    /// interrupt, no shadow, no console (a vfio-user client brings them).
+    pub fn empty() -> Self {
+        Platform {
+            memory: GuestMemoryMmap::default(),
+            shadow: None,
+            intx: None,
+            isa: None,
+            msi: Vec::new(),
+            msi_enabled: false,
+            console: None,
+            irq_errors: 0,
+            console_errors: 0,
+            map: None,
+            map_changed: false,
+            defer_irqs: false,
+            hold_output: false,
+            deferred_irqs: Vec::new(),
+        }
+    }
+
     fn trigger(fd: &EventFd, errors: &mut u64) {
         if fd.write(1).is_err() {
             *errors += 1;
@@ -186,9 +208,15 @@ impl Platform {
 
     /// The guest EOIed INTx (KVM lowered the line): take the notice.
     fn take_resample(&mut self) {
-        if let Some(intx) = &self.intx {
-            let _ = intx.resample.read();
+        if let Some(resample) = self.intx.as_ref().and_then(|i| i.resample.as_ref()) {
+            let _ = resample.read();
         }
+    }
+
+    /// The guest EOIed INTx: raise it again if the device still wants it.
+    pub fn intx_eoi(&mut self) {
+        self.take_resample();
+        self.reassert();
     }
 
     /// Carries out the interrupt changes held back, in order.
@@ -336,7 +364,7 @@ impl Env for Platform {
 /// `readable` stays set until a read finds the pipe empty, also when the
 /// loop stops reading for lack of room; the loop waits for the pipe only
 /// while it is clear.
-struct ConsoleInput {
+pub(crate) struct ConsoleInput {
     buf: [u8; 256],
     start: usize,
     end: usize,
@@ -583,8 +611,8 @@ impl Sources {
         };
         sources.add(Source::Accesses, accesses.as_raw_fd());
         sources.add(Source::Control, control.as_raw_fd());
-        if let Some(intx) = &platform.intx {
-            sources.add(Source::Resample, intx.resample.as_raw_fd());
+        if let Some(resample) = platform.intx.as_ref().and_then(|i| i.resample.as_ref()) {
+            sources.add(Source::Resample, resample.as_raw_fd());
         }
         if let Some(console) = &platform.console {
             sources.add(Source::Console, console.input.as_raw_fd());
@@ -690,7 +718,7 @@ impl Spin {
     }
 
     /// Watches the ring for up to the window; true if it holds work.
-    fn wait(&mut self, backend: &Backend) -> bool {
+    pub(crate) fn wait(&mut self, backend: &Backend) -> bool {
         let start = tsc();
         if start < self.shared_until {
             return backend.pending() > 0;
@@ -719,7 +747,7 @@ impl Spin {
 
     /// Work came after a sleep: adapt the window to how long after the
     /// last watch began it came.
-    fn woke(&mut self) {
+    pub(crate) fn woke(&mut self) {
         let Some(since) = self.watched_since.take() else {
             return;
         };
@@ -930,7 +958,7 @@ pub fn serve(
             Accesses::Ring(backend) => {
                 match serve_ring(
                     backend,
-                    control,
+                    Some(control),
                     platform,
                     model,
                     &mut input,
@@ -960,7 +988,7 @@ pub fn serve(
 
 /// The ring loop's buffers, reused from batch to batch.
 #[derive(Default)]
-struct Batch {
+pub(crate) struct Batch {
     records: Vec<Access>,
     replies: Vec<Reply>,
 }
@@ -972,9 +1000,9 @@ struct Batch {
 /// moves after the replies (the module docs say why). After each batch,
 /// console input the model now has room for (the guest may have read RBR).
 #[allow(clippy::too_many_arguments)]
-fn serve_ring(
+pub(crate) fn serve_ring(
     backend: &Backend,
-    control: &UnixDatagram,
+    control: Option<&UnixDatagram>,
     platform: &mut Platform,
     model: &mut dyn DeviceModel,
     input: &mut ConsoleInput,
@@ -990,7 +1018,9 @@ fn serve_ring(
         if pending == 0 {
             return Ok(());
         }
-        drain_control(control, platform);
+        if let Some(control) = control {
+            drain_control(control, platform);
+        }
         let replies = &mut batch.replies;
         match durable.as_deref_mut() {
             None => {

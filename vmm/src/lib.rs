@@ -25,7 +25,7 @@ pub mod pci;
 mod realmode;
 pub mod rtc;
 pub mod snapshot;
-pub mod spawn;
+pub use emulator::spawn;
 pub mod vmstate;
 
 pub use realmode::{Error, RealModeVm};

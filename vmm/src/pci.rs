@@ -8,123 +8,29 @@ use emulator::model::PciIdentity;
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 pub const CONFIG_DATA: u16 = 0xcfc;
 
-const COMMAND: usize = 0x04;
-const STATUS: usize = 0x06;
-const BAR0: usize = 0x10;
-const CAPABILITIES: usize = 0x34;
-const INTERRUPT_LINE: usize = 0x3c;
-const MSI_CAP: usize = 0x40;
-
-pub const COMMAND_MEMORY: u16 = 1 << 1;
-const STATUS_CAP_LIST: u16 = 1 << 4;
-const MSI_ENABLE: u16 = 1 << 0;
-const MSI_64BIT: u16 = 1 << 7;
-
-/// 256 bytes of configuration space and which bits the guest may write.
-#[derive(Clone)]
-pub struct ConfigSpace {
-    bytes: [u8; 256],
-    writable: [u8; 256],
-}
-
-impl ConfigSpace {
-    fn new() -> Self {
-        ConfigSpace {
-            bytes: [0; 256],
-            writable: [0; 256],
-        }
-    }
-
-    fn set(&mut self, offset: usize, value: &[u8]) {
-        self.bytes[offset..offset + value.len()].copy_from_slice(value);
-    }
-
-    fn allow(&mut self, offset: usize, mask: &[u8]) {
-        self.writable[offset..offset + mask.len()].copy_from_slice(mask);
-    }
-
-    fn u16(&self, offset: usize) -> u16 {
-        u16::from_le_bytes([self.bytes[offset], self.bytes[offset + 1]])
-    }
-
-    fn u32(&self, offset: usize) -> u32 {
-        u32::from_le_bytes(self.bytes[offset..offset + 4].try_into().expect("4 bytes"))
-    }
-
-    /// A load of `len` (1, 2 or 4) bytes at `offset`; it must not cross
-    /// the dword, which mechanism #1 guarantees.
-    pub fn read(&self, offset: usize, len: usize) -> u32 {
-        (0..len).fold(0, |v, i| v | u32::from(self.bytes[offset + i]) << (8 * i))
-    }
-
-    /// A store; bits the device does not implement stay as they are.
-    pub fn write(&mut self, offset: usize, len: usize, value: u32) {
-        for i in 0..len {
-            let b = (value >> (8 * i)) as u8;
-            let mask = self.writable[offset + i];
-            self.bytes[offset + i] = (self.bytes[offset + i] & !mask) | (b & mask);
-        }
-    }
-}
-
-/// Where the guest asked MSI to go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsiMessage {
-    pub address: u64,
-    pub data: u32,
-}
+pub use emulator::pci::{ConfigSpace, MsiMessage, COMMAND_MEMORY};
 
 /// A device function on bus 0.
 #[derive(Clone)]
 pub struct Function {
     pub config: ConfigSpace,
     bar0_size: u64,
-    msi: bool,
 }
 
 impl Function {
-    /// The host bridge at 00:00.0 (an i440FX's identity, which guests know).
+    /// The host bridge at 00:00.0.
     pub fn host_bridge() -> Self {
-        let mut c = ConfigSpace::new();
-        c.set(0x00, &0x8086u16.to_le_bytes());
-        c.set(0x02, &0x1237u16.to_le_bytes());
-        c.set(0x0a, &[0x00, 0x06]); // host bridge
         Function {
-            config: c,
+            config: ConfigSpace::host_bridge(),
             bar0_size: 0,
-            msi: false,
         }
     }
 
     /// An endpoint presenting `id`, its INTA wired to GSI `irq_line`.
     pub fn endpoint(id: &PciIdentity, irq_line: u8) -> Self {
-        assert!(id.bar0_size.is_power_of_two() && id.bar0_size >= 16 && id.bar0_size <= 1 << 31);
-        let mut c = ConfigSpace::new();
-        c.set(0x00, &id.vendor.to_le_bytes());
-        c.set(0x02, &id.device.to_le_bytes());
-        c.set(0x08, &[id.revision, id.class[2], id.class[1], id.class[0]]);
-        c.set(0x2c, &id.subsystem_vendor.to_le_bytes());
-        c.set(0x2e, &id.subsystem.to_le_bytes());
-        c.set(INTERRUPT_LINE, &[irq_line, 1]); // INTA
-        c.allow(COMMAND, &0x0407u16.to_le_bytes()); // I/O, memory, DMA, INTx disable
-        let bar_mask = !(id.bar0_size as u32 - 1) & !0xf;
-        c.allow(BAR0, &bar_mask.to_le_bytes());
-        c.allow(INTERRUPT_LINE, &[0xff]);
-        let msi = id.msi_vectors > 0;
-        if msi {
-            c.set(STATUS, &STATUS_CAP_LIST.to_le_bytes());
-            c.set(CAPABILITIES, &[MSI_CAP as u8]);
-            c.set(MSI_CAP, &[0x05, 0x00]);
-            c.set(MSI_CAP + 2, &MSI_64BIT.to_le_bytes());
-            c.allow(MSI_CAP + 2, &0x0071u16.to_le_bytes()); // enable, multiple message enable
-            c.allow(MSI_CAP + 4, &0xffff_fffcu32.to_le_bytes());
-            c.allow(MSI_CAP + 8, &0xffff_ffffu32.to_le_bytes());
-            c.allow(MSI_CAP + 12, &0xffffu16.to_le_bytes());
-        }
         Function {
-            config: c,
+            config: ConfigSpace::endpoint(id, irq_line),
             bar0_size: id.bar0_size,
-            msi,
         }
     }
 
@@ -134,20 +40,12 @@ impl Function {
 
     /// Where BAR0 decodes, if memory decoding is on and it was placed.
     pub fn bar0(&self) -> Option<u64> {
-        let enabled = self.config.u16(COMMAND) & COMMAND_MEMORY != 0;
-        let addr = u64::from(self.config.u32(BAR0) & !0xf);
-        (self.bar0_size > 0 && enabled && addr != 0).then_some(addr)
+        self.config.bar0().filter(|_| self.bar0_size > 0)
     }
 
     /// The MSI message, if the guest enabled MSI.
     pub fn msi(&self) -> Option<MsiMessage> {
-        if !self.msi || self.config.u16(MSI_CAP + 2) & MSI_ENABLE == 0 {
-            return None;
-        }
-        let address =
-            u64::from(self.config.u32(MSI_CAP + 4)) | u64::from(self.config.u32(MSI_CAP + 8)) << 32;
-        let data = u32::from(self.config.u16(MSI_CAP + 12));
-        Some(MsiMessage { address, data })
+        self.config.msi()
     }
 }
 
@@ -183,7 +81,7 @@ impl Bus {
         self.slots
             .iter()
             .enumerate()
-            .filter_map(|(dev, f)| Some((dev as u8, f.as_ref()?.config.bytes)))
+            .filter_map(|(dev, f)| Some((dev as u8, *f.as_ref()?.config.bytes())))
             .collect()
     }
 
@@ -192,7 +90,7 @@ impl Bus {
     pub fn restore(&mut self, device: u8, bytes: &[u8; 256]) -> bool {
         match self.slots.get_mut(device as usize) {
             Some(Some(f)) => {
-                f.config.bytes = *bytes;
+                f.config.set_bytes(bytes);
                 true
             }
             _ => false,

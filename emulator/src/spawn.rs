@@ -4,7 +4,8 @@
 //! once (a process cannot move itself into a new PID namespace) and gives a
 //! pidfd, so that killing it later cannot hit a recycled pid. The child
 //! joins the VMM's one empty network namespace, is PID 1 of its namespace,
-//! dies with the VMM (`PR_SET_PDEATHSIG`), keeps only the handoff socket
+//! dies with the VMM (`PR_SET_PDEATHSIG`, which the sandbox sets again after
+//! its credential change cleared it), keeps only the handoff socket
 //! (as descriptor 3) and the standard streams, and execs the emulator, which
 //! sandboxes itself the rest of the way.
 //!
