@@ -1,8 +1,8 @@
 //! An unmodified Linux guest on user devices: the project's plain kernel
 //! booted by the VMM on two vCPUs, its console the 16550A UART and its edu
 //! devices served by sandboxed emulators through user devices, and the
-//! same guest under QEMU with QEMU's own edu. `cargo xtask test` builds the
-//! guest (target/guest-linux) first.
+//! same guest under QEMU, with QEMU's own edu and with ours over vfio-user.
+//! `cargo xtask test` builds the guest (target/guest-linux) first.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use kvm_userdev_bench::linux::{Boot, Host};
+use kvm_userdev_bench::qemu::VfioUserServer;
 use userdev::{stats, Stats};
 
 fn repo() -> PathBuf {
@@ -551,4 +552,52 @@ fn edu_driver_passes_under_qemu() {
     let r = with_testbed_retry("qemu-edu", b.host, || run(&b));
     r.assert_exit(0);
     assert!(r.stdout.contains("edu-tool: PASS: 2 device(s)"));
+}
+
+/// The same module and tool against our emulator, one per edu device, as
+/// vfio-user servers for QEMU's client: with an unmodified QEMU every BAR
+/// access is a message over the socket; with QEMU and qemu-patch/, BAR0
+/// goes through a KVM user device. `cargo xtask test` names the two QEMUs.
+#[test]
+fn edu_driver_passes_under_qemu_over_vfio_user() {
+    let emulator = repo().join("target/debug/kvm-userdev-emulator");
+    for (var, label) in [
+        ("KVM_USERDEV_QEMU", "qemu-vfio-user"),
+        ("KVM_USERDEV_QEMU_PATCHED", "qemu-vfio-user-userdev"),
+    ] {
+        let qemu = std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("${var} names the QEMU that cargo xtask qemu builds"));
+        let logs = std::cell::RefCell::new(String::new());
+        let r = with_testbed_retry(label, Host::Qemu, || {
+            let dir = std::env::temp_dir().join(format!("{label}.{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("a directory for the sockets");
+            let sockets: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("edu{i}"))).collect();
+            let mut servers: Vec<VfioUserServer> = sockets
+                .iter()
+                .map(|s| VfioUserServer::start(&emulator, s, &[]).expect("start the emulator"))
+                .collect();
+            let mut b = boot(Host::Qemu, "edu-tool");
+            b.qemu = Some(qemu.clone());
+            b.vfio_user = sockets;
+            let r = run(&b);
+            let mut text = String::new();
+            for s in &mut servers {
+                text.push_str(&s.finish());
+            }
+            println!("---- {label}: the emulators\n{text}");
+            *logs.borrow_mut() = text;
+            let _ = std::fs::remove_dir_all(&dir);
+            r
+        });
+        r.assert_exit(0);
+        assert!(r.stdout.contains("edu-tool: PASS: 2 device(s)"), "{label}");
+        let through_user_device = logs
+            .borrow()
+            .matches("now served through a KVM user device")
+            .count();
+        let expected = if label.ends_with("userdev") { 2 } else { 0 };
+        assert_eq!(through_user_device, expected, "{label}");
+    }
 }

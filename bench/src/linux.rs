@@ -68,6 +68,11 @@ pub struct Boot {
     pub vmm_args: Vec<String>,
     /// Our VMM's --timeout, in seconds.
     pub timeout_s: u64,
+    /// QEMU's binary (default: `qemu-system-x86_64` on PATH).
+    pub qemu: Option<PathBuf>,
+    /// Under QEMU: the edu devices are QEMU's vfio-user client for the
+    /// servers listening on these sockets, not QEMU's own.
+    pub vfio_user: Vec<PathBuf>,
 }
 
 impl Boot {
@@ -81,6 +86,8 @@ impl Boot {
             append: Vec::new(),
             vmm_args: Vec::new(),
             timeout_s: 600,
+            qemu: None,
+            vfio_user: Vec::new(),
         }
     }
 
@@ -115,17 +122,33 @@ impl Boot {
                 arg("-kernel", s(kernel(repo)));
                 arg("-initrd", s(initramfs(repo)));
                 arg("-append", self.cmdline());
-                for _ in 0..self.edu {
-                    arg("-device", "edu".into());
+                if self.vfio_user.is_empty() {
+                    for _ in 0..self.edu {
+                        arg("-device", "edu".into());
+                    }
+                } else {
+                    // The servers do DMA in RAM that QEMU shares with them.
+                    for dir in crate::qemu::debian_firmware() {
+                        arg("-L", s(dir));
+                    }
+                    arg(
+                        "-object",
+                        format!(
+                            "memory-backend-memfd,id=ram,size={}M,share=on",
+                            self.memory_mib
+                        ),
+                    );
+                    arg("-machine", "memory-backend=ram".into());
+                    for socket in &self.vfio_user {
+                        arg("-device", crate::qemu::vfio_user_device(socket));
+                    }
                 }
-                let mut all: Vec<String> = [
-                    "qemu-system-x86_64",
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-no-reboot",
-                ]
-                .map(String::from)
-                .to_vec();
+                let qemu = self
+                    .qemu
+                    .as_deref()
+                    .unwrap_or(Path::new("qemu-system-x86_64"));
+                let mut all: Vec<String> = vec![s(qemu.to_path_buf())];
+                all.extend(["-nodefaults", "-no-user-config", "-no-reboot"].map(String::from));
                 all.extend(c);
                 all
             }

@@ -115,6 +115,15 @@ struct ProgramArgs {
     /// The guest payload (mmio-bench).
     #[arg(long)]
     payload: PathBuf,
+    /// The emulator (default: `kvm-userdev-emulator` beside this program).
+    #[arg(long)]
+    emulator: Option<PathBuf>,
+    /// QEMU with the vfio-user client, for qemu-vfio-user.
+    #[arg(long)]
+    qemu_vfio_user: Option<PathBuf>,
+    /// The same with qemu-patch/, for qemu-vfio-user-userdev.
+    #[arg(long)]
+    qemu_vfio_user_patched: Option<PathBuf>,
 }
 
 /// The same, resolved: the VMM's default, QEMU's place on PATH.
@@ -122,6 +131,9 @@ struct ProgramPaths {
     vmm: PathBuf,
     qemu: PathBuf,
     payload: PathBuf,
+    emulator: PathBuf,
+    qemu_vfio_user: Option<PathBuf>,
+    qemu_vfio_user_patched: Option<PathBuf>,
 }
 
 impl ProgramArgs {
@@ -130,6 +142,11 @@ impl ProgramArgs {
             vmm: self.vmm.unwrap_or_else(|| beside_me("vmm")),
             qemu: which(&self.qemu),
             payload: self.payload,
+            emulator: self
+                .emulator
+                .unwrap_or_else(|| beside_me("kvm-userdev-emulator")),
+            qemu_vfio_user: self.qemu_vfio_user,
+            qemu_vfio_user_patched: self.qemu_vfio_user_patched,
         }
     }
 }
@@ -140,6 +157,9 @@ impl ProgramPaths {
             vmm: &self.vmm,
             qemu: &self.qemu,
             payload: &self.payload,
+            emulator: &self.emulator,
+            qemu_vfio_user: self.qemu_vfio_user.as_deref(),
+            qemu_vfio_user_patched: self.qemu_vfio_user_patched.as_deref(),
         }
     }
 }

@@ -286,6 +286,231 @@ pub fn run_multi_process(
     })
 }
 
+/// QEMU's vfio-user client (QEMU 10.1 or later) with our emulator as the
+/// server: what [`run_vfio_user`] needs besides QEMU.
+pub struct VfioUser<'a> {
+    /// `kvm-userdev-emulator`, started with `--vfio-user SOCKET`.
+    pub emulator: &'a Path,
+    /// Firmware directories for `-L`: a QEMU built from Debian's source
+    /// has no firmware of its own.
+    pub firmware: &'a [PathBuf],
+    /// More arguments for the emulator (`--forward`, `--batch`).
+    pub emulator_args: &'a [&'a str],
+    /// QEMU has our patches: it traces the user device's counters at exit
+    /// (`vfio_user_kvm_stats`, in [`Output::stderr`]).
+    pub patched: bool,
+    /// Kill the emulator (SIGKILL) once the guest's debug console shows
+    /// this line.
+    pub kill_on: Option<&'a str>,
+}
+
+/// The firmware directories of Debian's QEMU packages that exist here
+/// (SeaBIOS, and the option ROMs such as `pvh.bin` for `-kernel`), for a
+/// QEMU built from Debian's source, which ships none.
+pub fn debian_firmware() -> Vec<PathBuf> {
+    DEBIAN_FIRMWARE_DIRS
+        .into_iter()
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// The directories [`debian_firmware`] looks in.
+pub const DEBIAN_FIRMWARE_DIRS: [&str; 3] = [
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/usr/lib/ipxe/qemu",
+];
+
+/// How long the emulator may take to create its socket.
+const SERVER_START: Duration = Duration::from_secs(10);
+
+/// Runs `payload` with `cmdline` on `cpus` vCPUs under QEMU with KVM, the
+/// edu device served by our emulator over vfio-user (`-device
+/// vfio-user-pci`). Unpatched, every configuration and BAR access is a
+/// message over the socket (a BAR store is posted, a load waits for its
+/// reply); patched, BAR0 goes through a KVM user device. QEMU's trace of
+/// that device's counters, then the emulator's log after a `--- emulator:`
+/// line, follow QEMU's stderr in [`Output::stderr`].
+pub fn run_vfio_user(
+    qemu: &Path,
+    vfio: &VfioUser,
+    payload: &Path,
+    cmdline: &str,
+    cpus: u32,
+    timeout: Duration,
+) -> Result<Output> {
+    let scratch = ScratchDir::new()?;
+    let deadline = Instant::now() + timeout;
+    let socket = scratch.file("vfio-user.sock");
+    let mut server = VfioUserServer::start(vfio.emulator, &socket, vfio.emulator_args)?;
+    let mut args: Vec<OsString> = vfio
+        .firmware
+        .iter()
+        .flat_map(|dir| [os("-L"), os(dir)])
+        .collect();
+    args.extend(guest_args(payload, cmdline, cpus, &scratch.debugcon()));
+    args.extend(vfio_user_device_args(&socket));
+    let trace = scratch.file("trace.log");
+    if vfio.patched {
+        // Into a file of its own: QEMU's stderr must hold only errors and
+        // warnings (see `guest_status`).
+        args.extend([
+            os("-trace"),
+            os("vfio_user_kvm_stats"),
+            os("-D"),
+            os(&trace),
+        ]);
+    }
+    let mut guest = Qemu::spawn("QEMU", qemu, &args, scratch.file("qemu.log"), None)?;
+    let report = |guest: &Qemu, server: &VfioUserServer| {
+        format!(
+            "{}\n{}\n{}",
+            guest.report(),
+            server.report(),
+            debugcon_report(&scratch)
+        )
+    };
+    let mut killed = false;
+    let status = loop {
+        let step = deadline.min(Instant::now() + Duration::from_millis(20));
+        if let Some(status) = guest.proc.wait_until(step)? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            guest.proc.kill();
+            bail!(
+                "QEMU timed out after {timeout:?} and was killed\n{}",
+                report(&guest, &server)
+            );
+        }
+        let kill_now = vfio
+            .kill_on
+            .is_some_and(|line| read_lossy(&scratch.debugcon()).contains(line));
+        if kill_now {
+            server.kill();
+            killed = true;
+        }
+    };
+    server.kill();
+    let mut stderr = guest.log();
+    // After the kill QEMU reports the server gone, which is no failure of
+    // its own (and it started long before: status 1 is the guest's 0).
+    let complaints = if killed { "" } else { stderr.as_str() };
+    let guest_status = guest_status(status, complaints)
+        .map_err(|why| anyhow!("QEMU failed: {why}\n{}", report(&guest, &server)))?;
+    stderr.push_str(&read_lossy(&trace));
+    stderr.push_str("--- emulator:\n");
+    stderr.push_str(&server.finish());
+    Ok(Output {
+        debugcon: read_lossy(&scratch.debugcon()),
+        stderr,
+        guest_status,
+    })
+}
+
+/// Our emulator as a vfio-user server for one device, started and
+/// listening; SIGKILLed (and so is its sandboxed copy, by its parent-death
+/// signal) when dropped.
+pub struct VfioUserServer {
+    proc: Proc,
+    log: Option<Collected>,
+}
+
+impl VfioUserServer {
+    /// Starts `emulator --vfio-user socket args...` and waits until it
+    /// listens.
+    pub fn start(emulator: &Path, socket: &Path, args: &[&str]) -> Result<VfioUserServer> {
+        let mut cmd = Command::new(emulator);
+        cmd.arg("--vfio-user")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // A pipe: the sandbox allows no file writes, so a log file
+            // would take none of the emulator's lines.
+            .stderr(Stdio::piped());
+        let mut proc = Proc::spawn("emulator", cmd, None)?;
+        let log = collect(proc.take_stderr().expect("piped"));
+        let deadline = Instant::now() + SERVER_START;
+        while !socket.exists() {
+            if let Some(status) = proc.try_reap()? {
+                bail!(
+                    "the emulator exited before it listened ({}):\n{}",
+                    describe(status),
+                    tail(&log.text())
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the emulator made no socket in {SERVER_START:?}:\n{}",
+                    tail(&log.text())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(VfioUserServer {
+            proc,
+            log: Some(log),
+        })
+    }
+
+    /// SIGKILL, unless it has ended.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Kills it if still running and returns everything it logged.
+    pub fn finish(&mut self) -> String {
+        self.proc.kill();
+        self.log.take().map(Collected::wait).unwrap_or_default()
+    }
+
+    /// How it ended and its last lines, for an error message.
+    fn report(&self) -> String {
+        let text = self.log.as_ref().map(Collected::text).unwrap_or_default();
+        format!(
+            "--- emulator ({}), last lines:\n{}",
+            self.proc.ending(),
+            tail(&text)
+        )
+    }
+}
+
+/// A child's output, read by a thread as it comes.
+struct Collected {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Collected {
+    fn text(&self) -> String {
+        self.text.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Everything, once the writers have closed it.
+    fn wait(self) -> String {
+        let Collected { text, reader } = self;
+        let _ = reader.join();
+        let text = text.lock().map(|t| t.clone()).unwrap_or_default();
+        text
+    }
+}
+
+fn collect(mut from: impl io::Read + Send + 'static) -> Collected {
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = text.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if let Ok(mut t) = sink.lock() {
+                t.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    Collected { text, reader }
+}
+
 // ---------------------------------------------------------------------------
 // Command lines.
 
@@ -352,6 +577,20 @@ fn guest_args(payload: &Path, cmdline: &str, cpus: u32, debugcon: &Path) -> Vec<
 
 fn in_process_device_args(device: Device) -> Vec<OsString> {
     vec![os("-device"), os(device.qemu_name())]
+}
+
+/// `-device` for QEMU's vfio-user client of the server at `socket`: its
+/// `socket` is a SocketAddress, which only the JSON form can give.
+pub fn vfio_user_device(socket: &Path) -> String {
+    serde_json::json!({
+        "driver": "vfio-user-pci",
+        "socket": { "type": "unix", "path": socket.to_string_lossy() },
+    })
+    .to_string()
+}
+
+fn vfio_user_device_args(socket: &Path) -> Vec<OsString> {
+    vec![os("-device"), os(vfio_user_device(socket))]
 }
 
 fn proxy_device_args(fd: RawFd) -> Vec<OsString> {

@@ -36,6 +36,11 @@ enum How {
     Vmm(&'static [&'static str], &'static [&'static str]),
     QemuInProcess(qemu::Device),
     QemuMultiProcess,
+    /// QEMU's vfio-user client and our emulator: with `qemu-patch/`
+    /// (BAR0 through a KVM user device) or without.
+    QemuVfioUser {
+        patched: bool,
+    },
 }
 
 /// Every variant; the first is the baseline.
@@ -90,6 +95,18 @@ pub fn all() -> Vec<Variant> {
             how: How::QemuInProcess(qemu::Device::Edu),
         },
         Variant {
+            name: "qemu-vfio-user",
+            description: "QEMU 10.2, unmodified (built from Debian's source), -device vfio-user-pci: our sandboxed emulator serves edu over the vfio-user socket; every BAR access leaves KVM for QEMU and is a message (a store posted, a load a round trip)",
+            device: "edu",
+            how: How::QemuVfioUser { patched: false },
+        },
+        Variant {
+            name: "qemu-vfio-user-userdev",
+            description: "the same QEMU with qemu-patch/ and the same emulator: BAR0 through a KVM user device set up as kvm-userdev's (sync-load forwarded, batched-store batched), configuration space, interrupts and DMA on the socket",
+            device: "edu",
+            how: How::QemuVfioUser { patched: true },
+        },
+        Variant {
             name: "qemu-testdev",
             description: "QEMU, -device pci-testdev in the QEMU process",
             device: "pci-testdev",
@@ -119,6 +136,12 @@ pub struct Programs<'a> {
     pub vmm: &'a Path,
     pub qemu: &'a Path,
     pub payload: &'a Path,
+    /// `kvm-userdev-emulator`, for the vfio-user variants.
+    pub emulator: &'a Path,
+    /// QEMU with the vfio-user client, without and with `qemu-patch/`
+    /// (`cargo xtask qemu [--patched]`).
+    pub qemu_vfio_user: Option<&'a Path>,
+    pub qemu_vfio_user_patched: Option<&'a Path>,
 }
 
 /// What one run of a variant printed.
@@ -162,6 +185,35 @@ impl Variant {
                     RUN_TIMEOUT,
                 )?;
                 qemu_output(out)
+            }
+            How::QemuVfioUser { patched } => {
+                let (qemu, option) = match patched {
+                    false => (programs.qemu_vfio_user, "--qemu-vfio-user"),
+                    true => (programs.qemu_vfio_user_patched, "--qemu-vfio-user-patched"),
+                };
+                let Some(qemu) = qemu else {
+                    bail!("{} needs {option} (cargo xtask bench passes it)", self.name);
+                };
+                let firmware = qemu::debian_firmware();
+                let vfio = qemu::VfioUser {
+                    emulator: programs.emulator,
+                    firmware: &firmware,
+                    emulator_args: &["--forward", SYNC_LOAD_REGISTER, "--batch", BATCH_REGISTER],
+                    patched: *patched,
+                    kill_on: None,
+                };
+                let out = qemu::run_vfio_user(
+                    qemu,
+                    &vfio,
+                    programs.payload,
+                    &cmdline,
+                    cpus,
+                    RUN_TIMEOUT,
+                )?;
+                let counters = trace_counters(&out.stderr);
+                let mut run = qemu_output(out)?;
+                run.counters = counters;
+                Ok(run)
             }
             How::QemuMultiProcess => {
                 let out = qemu::run_multi_process(
@@ -210,6 +262,20 @@ fn qemu_output(out: qemu::Output) -> Result<RunOutput> {
         guest: out.debugcon,
         counters: Vec::new(),
     })
+}
+
+/// The `name=value` words of the patched QEMU's `vfio_user_kvm_stats`
+/// trace line: the user device's counters.
+fn trace_counters(stderr: &str) -> Vec<(String, u64)> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("vfio_user_kvm_stats"))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| {
+            let (name, value) = w.split_once('=')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Our VMM with the payload, both doorbells and `args`; no timeout yet.

@@ -37,7 +37,7 @@ pub enum Linux {
 /// A generous bound on one variant's run in the VM (QEMU starts in a few
 /// seconds there; a run with 4096 samples per access type takes longer).
 const PER_RUN: Duration = Duration::from_secs(60);
-const VARIANTS: u32 = 8;
+const VARIANTS: u32 = 10;
 /// The same for one boot of the Linux guest, and how many hosts boot it.
 const PER_LINUX_BOOT: Duration = Duration::from_secs(240);
 const LINUX_HOSTS: u32 = 4;
@@ -86,6 +86,14 @@ pub fn run(opts: &Options) -> Result<i32> {
     ]);
     if opts.linux != Linux::Only {
         let mut mmio = cmd.clone();
+        // The vfio-user variants' QEMUs, without and with qemu-patch/.
+        let qemus = crate::qemu::Qemus::build()?;
+        mmio.extend([
+            "--qemu-vfio-user".into(),
+            qemus.plain.display().to_string(),
+            "--qemu-vfio-user-patched".into(),
+            qemus.patched.display().to_string(),
+        ]);
         if let Some(v) = &opts.variants {
             mmio.extend(["--variants".into(), v.clone()]);
         }

@@ -2,6 +2,7 @@
 //! machine's apt configuration already names it.
 
 use anyhow::{bail, Context, Result};
+use std::io;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
@@ -68,7 +69,10 @@ fn privileged(program: &str) -> Result<Command> {
 
 fn apt_get() -> Result<Command> {
     let mut cmd = privileged("apt-get")?;
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    // Another xtask (a kernel build beside a QEMU build) may be installing
+    // at the same time: wait for its lock rather than fail.
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["-o", "DPkg::Lock::Timeout=600"]);
     Ok(cmd)
 }
 
@@ -78,7 +82,7 @@ fn apt_update(force: bool) -> Result<()> {
     let mut result = Ok(());
     let mut update = || {
         eprintln!("xtask: apt-get update");
-        result = apt_get().and_then(|mut c| run(c.args(["-q", "update"])));
+        result = apt_get().and_then(|mut c| run(c.args(["-q", "update"]).stdout(io::stderr())));
     };
     if force {
         update();
@@ -92,9 +96,12 @@ fn apt_update(force: bool) -> Result<()> {
 pub fn apt_install(args: &[&str]) -> Result<()> {
     apt_update(false)?;
     eprintln!("xtask: apt-get install {}", args.join(" "));
+    // Progress goes with xtask's own messages: stdout is for results (such
+    // as the path `cargo xtask qemu` prints).
     run(apt_get()?
         .args(["-q", "-y", "--no-install-recommends", "install"])
-        .args(args))
+        .args(args)
+        .stdout(io::stderr()))
     .with_context(|| format!("apt-get install {}", args.join(" ")))
 }
 
@@ -285,9 +292,8 @@ fn parse_one_line(text: &str) -> Vec<Entry> {
     entries
 }
 
-fn backports_source(codename: &str, files: &[(String, String)]) -> Backports {
-    let suite = format!("{codename}-backports");
-    let entries: Vec<Entry> = files
+fn parse_sources(files: &[(String, String)]) -> Vec<Entry> {
+    files
         .iter()
         .flat_map(|(name, text)| {
             if name.ends_with(".sources") {
@@ -296,25 +302,69 @@ fn backports_source(codename: &str, files: &[(String, String)]) -> Backports {
                 parse_one_line(text)
             }
         })
-        .collect();
-    if entries.iter().any(|e| e.suites.contains(&suite)) {
+        .collect()
+}
+
+/// The machine's own Debian archive: where apt gets the release's suite
+/// from, and the keyring that its signatures are checked with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archive {
+    pub uris: String,
+    pub components: String,
+    pub signed_by: Option<String>,
+}
+
+impl Archive {
+    /// A deb822 stanza for other suites of the same archive, trusted
+    /// through the same keyring.
+    pub fn stanza(&self, types: &str, suites: &str, components: &str) -> String {
+        let mut stanza = format!(
+            "Types: {types}\nURIs: {}\nSuites: {suites}\nComponents: {components}\n",
+            self.uris
+        );
+        if let Some(key) = &self.signed_by {
+            stanza.push_str(&format!("Signed-By: {key}\n"));
+        }
+        stanza
+    }
+}
+
+/// The archive entry for the release `codename` among apt source `files`
+/// (path, content).
+pub fn archive_in(codename: &str, files: &[(String, String)]) -> Option<Archive> {
+    parse_sources(files)
+        .into_iter()
+        .find(|e| e.suites.iter().any(|s| s == codename))
+        .map(|e| Archive {
+            uris: e.uris,
+            components: e.components,
+            signed_by: e.signed_by,
+        })
+}
+
+/// The machine's Debian archive, from the apt configuration in force.
+pub fn debian_archive() -> Result<Archive> {
+    let codename = os_codename()?;
+    archive_in(&codename, &apt_sources()).with_context(|| {
+        format!("no apt source for Debian {codename} found in /etc/apt/sources.list{{,.d}}")
+    })
+}
+
+fn backports_source(codename: &str, files: &[(String, String)]) -> Backports {
+    let suite = format!("{codename}-backports");
+    if parse_sources(files)
+        .iter()
+        .any(|e| e.suites.contains(&suite))
+    {
         return Backports::Configured;
     }
-    let Some(base) = entries
-        .iter()
-        .find(|e| e.suites.iter().any(|s| s == codename))
-    else {
+    let Some(base) = archive_in(codename, files) else {
         return Backports::NoArchive;
     };
-    let mut stanza = format!(
-        "# Added by kvm-userdev's xtask beside the Debian archive apt already uses.\n\
-         Types: deb\nURIs: {}\nSuites: {suite}\nComponents: {}\n",
-        base.uris, base.components
-    );
-    if let Some(key) = &base.signed_by {
-        stanza.push_str(&format!("Signed-By: {key}\n"));
-    }
-    Backports::Add(stanza)
+    Backports::Add(format!(
+        "# Added by kvm-userdev's xtask beside the Debian archive apt already uses.\n{}",
+        base.stanza("deb", &suite, &base.components)
+    ))
 }
 
 #[cfg(test)]

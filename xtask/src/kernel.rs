@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::deps;
 use crate::util::{
-    cache_dir, fmt_duration, jobs, lock_file, print_tail, repo_root, run, run_output,
+    cache_dir, fmt_duration, hash_files, hex, jobs, lock_file, print_tail, repo_root, run,
+    run_output,
 };
 
 /// Bumped when the way a kernel is built changes, so old cache entries are
@@ -127,20 +128,6 @@ fn series() -> Result<Vec<PathBuf>> {
         .collect();
     patches.sort();
     Ok(patches)
-}
-
-fn hash_files(hasher: &mut Sha256, label: &str, files: &[PathBuf]) -> Result<()> {
-    for f in files {
-        let data = fs::read(f).with_context(|| format!("read {}", f.display()))?;
-        let name = f.file_name().unwrap_or_default().to_string_lossy();
-        hasher.update(format!("{label} {name} {}\n", data.len()));
-        hasher.update(&data);
-    }
-    Ok(())
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Identifies the series content, so the tree is re-patched when it changes.

@@ -9,6 +9,7 @@ mod initramfs;
 mod kernel;
 mod linux;
 mod logscan;
+mod qemu;
 mod selftests;
 mod stress;
 mod test;
@@ -40,6 +41,15 @@ enum Cmd {
         /// The debug flavour: KASAN, lockdep, atomic-sleep checks, kmemleak.
         #[arg(long)]
         debug: bool,
+    },
+    /// Build a QEMU with the vfio-user client (`-device vfio-user-pci`) from
+    /// Debian's source package (cached outside the repository) and print
+    /// the path of its qemu-system-x86_64. Run it with `-L` for the
+    /// system's firmware: `-L /usr/share/qemu -L /usr/share/seabios`.
+    Qemu {
+        /// With qemu-patch/*.patch applied (the cover letter left out).
+        #[arg(long)]
+        patched: bool,
     },
     /// Boot the built kernel under QEMU TCG and run CMD in it.
     ///
@@ -207,6 +217,11 @@ fn run() -> Result<i32> {
     match Cli::parse().cmd {
         Cmd::Kernel { debug } => {
             kernel::build(kernel::Flavour::new(debug))?;
+            Ok(0)
+        }
+        Cmd::Qemu { patched } => {
+            let patches = if patched { qemu::series()? } else { vec![] };
+            println!("{}", qemu::build(&patches)?.display());
             Ok(0)
         }
         Cmd::Vm {

@@ -303,6 +303,16 @@ pub fn run(linux_guest: bool) -> Result<i32> {
     };
     tally.check("debug kernel build", kernel.is_some());
 
+    banner("QEMU with the vfio-user client: cargo xtask qemu [--patched]");
+    let qemu_env = match crate::qemu::Qemus::build() {
+        Ok(qemus) => qemus.env(),
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            tally.check("QEMU build", false);
+            Vec::new()
+        }
+    };
+
     banner("in-VM tests on the debug kernel");
     // The VMM, the emulators, the guest payloads and the Linux guest (the
     // plain kernel, its edu module and initramfs) the tests run.
@@ -327,13 +337,15 @@ pub fn run(linux_guest: bool) -> Result<i32> {
                     .is_some_and(|n| n.to_string_lossy().starts_with(LINUX_TESTS))
             });
             let suites = suites(others, &kernel);
-            let opts = VmOptions::new(Flavour::Debug);
+            let mut opts = VmOptions::new(Flavour::Debug);
+            opts.env = qemu_env.clone();
             run_in_vm(opts, &suites, &mut tally).context("run the VM")?;
             if linux_guest {
                 banner("Linux guest tests, in a VM on the plain kernel");
                 let suites: Vec<Suite> = linux.into_iter().map(libtest_suite).collect();
-                run_in_vm(VmOptions::for_linux_guests(), &suites, &mut tally)
-                    .context("run the VM")?
+                let mut opts = VmOptions::for_linux_guests();
+                opts.env = qemu_env;
+                run_in_vm(opts, &suites, &mut tally).context("run the VM")?
             } else {
                 eprintln!("\nxtask: the Linux guest's tests were left out (--no-linux)");
             }

@@ -1,6 +1,7 @@
 //! Small helpers: running commands, where things live.
 
 use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -98,6 +99,21 @@ pub fn lock_file(path: &Path, what: &Path) -> Result<File> {
         f.lock()?;
     }
     Ok(f)
+}
+
+/// Feeds each file's name, length and content to `hasher`, under `label`.
+pub fn hash_files(hasher: &mut Sha256, label: &str, files: &[PathBuf]) -> Result<()> {
+    for f in files {
+        let data = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update(format!("{label} {name} {}\n", data.len()));
+        hasher.update(&data);
+    }
+    Ok(())
+}
+
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct VmOptions {
     /// The command reads our stdin (through QEMU and the VM's console):
     /// for an interactive shell in a guest.
     pub interactive: bool,
+    /// Environment variables the command gets.
+    pub env: Vec<(String, String)>,
 }
 
 /// How QEMU's TCG runs the VM's vCPUs.
@@ -68,6 +70,7 @@ impl VmOptions {
             scratch: default_scratch(),
             tcg: Tcg::Multi,
             interactive: false,
+            env: Vec::new(),
         }
     }
 }
@@ -172,7 +175,13 @@ pub fn shell_quote(s: &str) -> String {
 
 /// The script the VM's init runs: the host's working directory and a few
 /// environment variables, then the command.
-fn command_script(cmd: &[String], cwd: &Path, scratch: &Path, interactive: bool) -> String {
+fn command_script(
+    cmd: &[String],
+    cwd: &Path,
+    scratch: &Path,
+    interactive: bool,
+    env: &[(String, String)],
+) -> String {
     let mut s = String::from("# written by cargo xtask vm\n");
     if interactive {
         // The console that carries our stdin (QEMU's stdio chardev).
@@ -191,6 +200,9 @@ fn command_script(cmd: &[String], cwd: &Path, scratch: &Path, interactive: bool)
         if let Ok(v) = std::env::var(var) {
             s.push_str(&format!("export {var}={}\n", shell_quote(&v)));
         }
+    }
+    for (var, v) in env {
+        s.push_str(&format!("export {var}={}\n", shell_quote(v)));
     }
     let words: Vec<String> = cmd.iter().map(|w| shell_quote(w)).collect();
     s.push_str(&format!("exec {}\n", words.join(" ")));
@@ -224,7 +236,7 @@ pub fn run(opts: &VmOptions, cmd: &[String]) -> Result<VmRun> {
         .any(|p| p.starts_with("/tmp"));
     fs::write(
         scratch.join(".vm-cmd"),
-        command_script(cmd, &cwd, &scratch, opts.interactive),
+        command_script(cmd, &cwd, &scratch, opts.interactive, &opts.env),
     )?;
     let kernel_log_path = scratch.join("kernel.log");
     let qemu_cmd = qemu_command(
@@ -374,6 +386,7 @@ mod tests {
             Path::new("/work/a b"),
             Path::new("/s"),
             false,
+            &[],
         );
         let out = Command::new("sh")
             .arg("-c")

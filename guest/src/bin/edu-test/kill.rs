@@ -1,7 +1,8 @@
-//! mode=kill, kill-restart and dead: a device whose emulator process is
-//! gone. Its loads must complete with all-ones (what PCI returns when no
-//! device claims a read) and its stores must not hang. Only our VMM can
-//! kill an emulator.
+//! mode=kill, kill-restart, dead and await-kill: a device whose emulator
+//! process is gone. Its loads must complete with all-ones (what PCI
+//! returns when no device claims a read) and its stores must not hang.
+//! Only our VMM can kill an emulator on the guest's request; with
+//! await-kill the test harness kills it, under any VMM.
 
 use kvm_userdev_guest::cpu::{Deadline, delay_ms, rdtsc, tsc_khz};
 use kvm_userdev_guest::platform::{self, CONTROL_KILL_EMULATOR};
@@ -27,6 +28,41 @@ pub fn kill(t: &mut Tap, edu: &Edu, restart: bool) {
     if restart {
         wait_for_restart(t, edu);
     } else {
+        check_dead(t, edu, "after the kill");
+    }
+}
+
+/// How long await-kill waits for the emulator to die.
+const KILL_TIMEOUT_MS: u64 = 120_000;
+
+/// The line the harness waits for before it kills the emulator.
+pub const AWAITING_KILL: &str = "# waiting for the emulator to be killed";
+
+/// mode=await-kill: the device works; once the harness has killed its
+/// emulator, loads read all-ones and the guest goes on.
+pub fn await_kill(t: &mut Tap, edu: &Edu) {
+    let i = edu.index;
+    t.eq(
+        format_args!("edu{i}: identification before the kill"),
+        edu::IDENTIFICATION,
+        edu.read(edu::IDENTIFICATION_REG),
+    );
+    println!("{AWAITING_KILL}");
+    let deadline = Deadline::after_ms(KILL_TIMEOUT_MS);
+    let gone = loop {
+        if edu.read(edu::IDENTIFICATION_REG) == ALL_ONES {
+            break true;
+        }
+        if deadline.passed() {
+            break false;
+        }
+        delay_ms(1);
+    };
+    if t.check(
+        format_args!("edu{i}: identification reads all-ones once the emulator is killed"),
+        gone,
+        format_args!("still answering after {KILL_TIMEOUT_MS} ms"),
+    ) {
         check_dead(t, edu, "after the kill");
     }
 }

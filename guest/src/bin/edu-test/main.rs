@@ -1,7 +1,7 @@
 //! edu-test: exercises QEMU's edu device, or our emulator of it.
 //!
 //! Command line (all optional):
-//! `mode=full|kill|kill-restart|dead|survive|snapshot|restored` (default
+//! `mode=full|kill|kill-restart|dead|await-kill|survive|snapshot|restored` (default
 //! full), `devices=N`, the number of edu devices expected (default: at least
 //! one), and `rounds=N` for mode=survive (default 20). Prints TAP-like
 //! results and exits with status 0 if all passed, 1 otherwise.
@@ -33,6 +33,9 @@ enum Mode {
     KillRestart,
     /// Device 0's emulator died before the guest started.
     Dead,
+    /// Device 0's emulator is killed from outside (any VMM) once the guest
+    /// says it waits for that: then its loads read all-ones.
+    AwaitKill,
     /// Rounds of device 0's features, its emulator killed at a random
     /// moment of each and restarted: every answer must be right.
     Survive,
@@ -63,6 +66,7 @@ impl Options {
                         "kill" => Mode::Kill,
                         "kill-restart" => Mode::KillRestart,
                         "dead" => Mode::Dead,
+                        "await-kill" => Mode::AwaitKill,
                         "survive" => Mode::Survive,
                         "snapshot" => Mode::Snapshot,
                         "restored" => Mode::Restored,
@@ -128,6 +132,7 @@ fn main(cmdline: &'static str) -> ! {
         (Mode::Kill, Some(edu)) => kill::kill(&mut t, edu, false),
         (Mode::KillRestart, Some(edu)) => kill::kill(&mut t, edu, true),
         (Mode::Dead, Some(edu)) => kill::dead(&mut t, edu),
+        (Mode::AwaitKill, Some(edu)) => kill::await_kill(&mut t, edu),
         (Mode::Survive, Some(edu)) => survive::run(&mut t, edu, options.rounds),
         (Mode::Snapshot, Some(edu)) => snapshot::take(&mut t, edu),
         (Mode::Restored, Some(edu)) => snapshot::restored(&mut t, edu),
