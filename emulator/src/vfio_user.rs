@@ -94,8 +94,9 @@ const MSI_SLOT: RawFd = SLOTS.start + 3;
 pub const CAP_KVM_USER_DEVICE: &str = "kvm_user_device";
 /// The request that hands the server a user device's backend fd for one
 /// region: `u32 argsz, u32 flags (0), u32 region, u32 range`, the backend
-/// fd attached. Not in the vfio-user specification: a client sends it only
-/// to a server that named the region in [`CAP_KVM_USER_DEVICE`].
+/// fd attached. Proposed with the capability by `qemu-patch/`, whose
+/// change to the specification describes both; a client sends it only to a
+/// server that named the region in [`CAP_KVM_USER_DEVICE`].
 pub const KVM_USER_BACKEND: u16 = 19;
 /// The regions a user device may serve: BAR0, the model's registers.
 const USER_DEVICE_REGIONS: [u32; 1] = [VFIO_PCI_BAR0_REGION_INDEX];

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use edu_regs as regs;
 use vfio_bindings::bindings::vfio::VFIO_PCI_MSI_IRQ_INDEX;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
 const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
@@ -333,4 +334,91 @@ fn an_oversized_message_ends_the_connection() {
     s.write_all(&msg).unwrap();
     assert!(matches!(server.run(), Err(ServerError::Protocol(_))));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends one request with `fds` attached and returns the reply's header.
+fn request_with_fds(
+    s: &mut UnixStream,
+    id: u16,
+    command: u16,
+    payload: &[u8],
+    fds: &[RawFd],
+) -> Header {
+    let mut msg = Vec::new();
+    Header {
+        id,
+        command,
+        size: (HEADER_SIZE + payload.len()) as u32,
+        flags: message::TYPE_REQUEST,
+        error: 0,
+    }
+    .encode(&mut msg);
+    msg.extend_from_slice(payload);
+    s.send_with_fds(&[&msg[..]], fds).unwrap();
+    let mut head = [0u8; HEADER_SIZE];
+    s.read_exact(&mut head).unwrap();
+    let header = Header::decode(&head);
+    let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
+    s.read_exact(&mut body).unwrap();
+    header
+}
+
+#[test]
+fn user_devices_are_named_only_when_offered() {
+    let version = |caps: &str| {
+        let mut p = vec![0, 0, 0, 0];
+        p.extend_from_slice(format!("{{\"capabilities\":{caps}}}").as_bytes());
+        p.push(0);
+        p
+    };
+    let backend = |region: u32| {
+        message::Writer::default()
+            .u32(16)
+            .u32(0)
+            .u32(region)
+            .u32(region)
+            .0
+    };
+    let not_a_backend = EventFd::new(EFD_NONBLOCK).unwrap();
+    let fd = [not_a_backend.as_raw_fd()];
+
+    // A client that does not offer it never sees it, and may not use it.
+    let server = Running::start("no-offer");
+    let mut s = server.raw();
+    let (_, body) = request(&mut s, 1, Command::Version as u16, &version("{}"));
+    let v = message::Version::decode(&body).unwrap();
+    assert!(v.capability(CAP_KVM_USER_DEVICE).is_none());
+    let h = request_with_fds(&mut s, 2, KVM_USER_BACKEND, &backend(0), &fd);
+    assert_eq!(h.error as i32, libc::EINVAL);
+    drop(s);
+    server.finish();
+
+    // One that offers it is told BAR0; a descriptor that is no backend,
+    // another region, or none at all is refused.
+    let server = Running::start("offer");
+    let mut s = server.raw();
+    let (_, body) = request(
+        &mut s,
+        1,
+        Command::Version as u16,
+        &version("{\"kvm_user_device\":{}}"),
+    );
+    let v = message::Version::decode(&body).unwrap();
+    assert_eq!(
+        v.capability(CAP_KVM_USER_DEVICE),
+        Some(&serde_json::json!({ "regions": [0] }))
+    );
+    let h = request_with_fds(&mut s, 2, KVM_USER_BACKEND, &backend(0), &fd);
+    assert_eq!(h.error as i32, libc::EINVAL, "an eventfd is no backend");
+    let h = request_with_fds(&mut s, 3, KVM_USER_BACKEND, &backend(1), &fd);
+    assert_eq!(h.error as i32, libc::EINVAL, "BAR1");
+    let h = request_with_fds(&mut s, 4, KVM_USER_BACKEND, &backend(0), &[]);
+    assert_eq!(h.error as i32, libc::EINVAL, "no descriptor");
+    // The socket path still serves.
+    let read = message::Writer::default().u64(0).u32(BAR0).u32(4).0;
+    let (h, body) = request(&mut s, 5, Command::RegionRead as u16, &read);
+    assert_eq!(h.error, 0);
+    assert_eq!(body[16..], regs::IDENTIFICATION.to_le_bytes());
+    drop(s);
+    assert_eq!(server.finish().errors, 3);
 }
