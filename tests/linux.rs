@@ -54,10 +54,10 @@ impl Run {
             return None;
         }
         match host {
-            Host::Qemu if self.host_status == Some(0) => {
+            _ if host.is_qemu() && self.host_status == Some(0) => {
                 Some("QEMU ended without the guest's exit status (a triple fault or reset)".into())
             }
-            Host::Qemu => None,
+            _ if host.is_qemu() => None,
             _ => self
                 .stderr
                 .lines()
@@ -88,7 +88,7 @@ fn boot(host: Host, command: &str) -> Boot {
 
 fn command(boot: &Boot) -> Command {
     let mut argv = boot.command(&repo(), &repo().join("target/debug/vmm"));
-    if boot.host == Host::Qemu {
+    if boot.host.is_qemu() {
         // Our VMM ends itself after --timeout; QEMU has no such bound.
         let bound = ["timeout", "-s", "KILL", &TIMEOUT_S.to_string()].map(String::from);
         argv.splice(0..0, bound);
@@ -561,15 +561,19 @@ fn edu_driver_passes_under_qemu() {
 #[test]
 fn edu_driver_passes_under_qemu_over_vfio_user() {
     let emulator = repo().join("target/debug/kvm-userdev-emulator");
-    for (var, label) in [
-        ("KVM_USERDEV_QEMU", "qemu-vfio-user"),
-        ("KVM_USERDEV_QEMU_PATCHED", "qemu-vfio-user-userdev"),
+    for (var, host, label) in [
+        ("KVM_USERDEV_QEMU", Host::QemuVfioUser, "qemu-vfio-user"),
+        (
+            "KVM_USERDEV_QEMU_PATCHED",
+            Host::QemuVfioUserUserdev,
+            "qemu-vfio-user-userdev",
+        ),
     ] {
         let qemu = std::env::var_os(var)
             .map(PathBuf::from)
             .unwrap_or_else(|| panic!("${var} names the QEMU that cargo xtask qemu builds"));
         let logs = std::cell::RefCell::new(String::new());
-        let r = with_testbed_retry(label, Host::Qemu, || {
+        let r = with_testbed_retry(label, host, || {
             let dir = std::env::temp_dir().join(format!("{label}.{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("a directory for the sockets");
@@ -578,7 +582,7 @@ fn edu_driver_passes_under_qemu_over_vfio_user() {
                 .iter()
                 .map(|s| VfioUserServer::start(&emulator, s, &[]).expect("start the emulator"))
                 .collect();
-            let mut b = boot(Host::Qemu, "edu-tool");
+            let mut b = boot(host, "edu-tool");
             b.qemu = Some(qemu.clone());
             b.vfio_user = sockets;
             let r = run(&b);
@@ -597,7 +601,11 @@ fn edu_driver_passes_under_qemu_over_vfio_user() {
             .borrow()
             .matches("now served through a KVM user device")
             .count();
-        let expected = if label.ends_with("userdev") { 2 } else { 0 };
+        let expected = if host == Host::QemuVfioUserUserdev {
+            2
+        } else {
+            0
+        };
         assert_eq!(through_user_device, expected, "{label}");
     }
 }

@@ -38,6 +38,12 @@ pub enum Host {
     Socket,
     /// QEMU (-accel kvm) with its own 16550 and edu.
     Qemu,
+    /// QEMU with its own 16550, the edu devices our emulators over
+    /// vfio-user (`Boot::vfio_user`).
+    QemuVfioUser,
+    /// The same with QEMU's `qemu-patch/`: edu's BAR0 through a KVM user
+    /// device.
+    QemuVfioUserUserdev,
 }
 
 impl Host {
@@ -45,11 +51,19 @@ impl Host {
     /// makes `(value << 1) | 1` of it.
     pub fn guest_status(self, code: i32) -> i32 {
         match self {
-            Host::Qemu if code & 1 == 1 => code >> 1,
+            _ if self.is_qemu() && code & 1 == 1 => code >> 1,
             // QEMU ended without the port: the guest never reported.
-            Host::Qemu if code == 0 => 1,
+            _ if self.is_qemu() && code == 0 => 1,
             _ => code,
         }
+    }
+
+    /// QEMU runs the guest (with whatever edu).
+    pub fn is_qemu(self) -> bool {
+        matches!(
+            self,
+            Host::Qemu | Host::QemuVfioUser | Host::QemuVfioUserUserdev
+        )
     }
 }
 
@@ -71,7 +85,8 @@ pub struct Boot {
     /// QEMU's binary (default: `qemu-system-x86_64` on PATH).
     pub qemu: Option<PathBuf>,
     /// Under QEMU: the edu devices are QEMU's vfio-user client for the
-    /// servers listening on these sockets, not QEMU's own.
+    /// servers listening on these sockets, not QEMU's own (the caller
+    /// starts them: `crate::qemu::VfioUserServer`).
     pub vfio_user: Vec<PathBuf>,
 }
 
@@ -111,7 +126,7 @@ impl Boot {
             c.push(v);
         };
         match self.host {
-            Host::Qemu => {
+            Host::Qemu | Host::QemuVfioUser | Host::QemuVfioUserUserdev => {
                 arg("-accel", "kvm".into());
                 arg("-cpu", "host".into());
                 arg("-display", "none".into());

@@ -22,8 +22,10 @@ use userdev::stats;
 
 use crate::linux::{Boot, Host};
 use crate::process::Proc;
+use crate::qemu::VfioUserServer;
 use crate::report::percentile;
 use crate::results::{LinuxFigure, LinuxHostResult, LinuxResults};
+use crate::variants::{BATCH_REGISTER, SYNC_LOAD_REGISTER};
 
 /// A measured quantity.
 pub struct Metric {
@@ -69,7 +71,14 @@ pub const METRICS: [Metric; 5] = [
 ];
 
 /// The hosts, in run order; QEMU, the reference, last.
-pub const HOSTS: [Host; 4] = [Host::User, Host::InProcess, Host::Socket, Host::Qemu];
+pub const HOSTS: [Host; 6] = [
+    Host::User,
+    Host::InProcess,
+    Host::Socket,
+    Host::QemuVfioUser,
+    Host::QemuVfioUserUserdev,
+    Host::Qemu,
+];
 
 pub fn host_name(host: Host) -> &'static str {
     match host {
@@ -77,6 +86,8 @@ pub fn host_name(host: Host) -> &'static str {
         Host::InProcess => "vmm-in-process",
         Host::Socket => "vmm-socket",
         Host::Qemu => "qemu",
+        Host::QemuVfioUser => "qemu-vfio-user",
+        Host::QemuVfioUserUserdev => "qemu-vfio-user-userdev",
     }
 }
 
@@ -88,6 +99,12 @@ fn host_description(host: Host) -> &'static str {
         Host::InProcess => "our VMM, the same models in the VMM, on exits to user space",
         Host::Socket => "our VMM, the same emulators behind a socket, on exits to user space",
         Host::Qemu => "QEMU -accel kvm with its own 16550A and edu, on exits to user space",
+        Host::QemuVfioUser => {
+            "QEMU 10.2 with its own 16550A, edu our sandboxed emulator over vfio-user (each BAR access an exit and a message)"
+        }
+        Host::QemuVfioUserUserdev => {
+            "the same QEMU with qemu-patch/: edu's BAR0 through a KVM user device, the same emulator"
+        }
     }
 }
 
@@ -107,6 +124,11 @@ pub struct Programs<'a> {
     pub repo: &'a Path,
     pub vmm: &'a Path,
     pub qemu: &'a Path,
+    /// For the vfio-user hosts: the emulator, QEMU with the vfio-user
+    /// client, and the same with qemu-patch/.
+    pub emulator: &'a Path,
+    pub qemu_vfio_user: Option<&'a Path>,
+    pub qemu_vfio_user_patched: Option<&'a Path>,
 }
 
 /// The line the guest's command prints first: the shell is up.
@@ -175,10 +197,29 @@ fn run_host(host: Host, programs: &Programs, config: &Config) -> Result<Sample> 
     boot.edu = 1;
     boot.command = Some(guest_command(config));
     boot.timeout_s = 600;
-    let mut argv = boot.command(programs.repo, programs.vmm);
-    if host == Host::Qemu {
-        argv[0] = programs.qemu.to_string_lossy().into_owned();
+    // The vfio-user hosts' emulator, killed when this returns.
+    let mut server = None;
+    let sockets = std::env::temp_dir().join(format!("linux-bench.{}", std::process::id()));
+    match host {
+        Host::Qemu => boot.qemu = Some(programs.qemu.to_path_buf()),
+        Host::QemuVfioUser | Host::QemuVfioUserUserdev => {
+            let (qemu, option) = match host {
+                Host::QemuVfioUser => (programs.qemu_vfio_user, "--qemu-vfio-user"),
+                _ => (programs.qemu_vfio_user_patched, "--qemu-vfio-user-patched"),
+            };
+            let qemu = qemu.with_context(|| format!("{} needs {option}", host_name(host)))?;
+            let _ = std::fs::remove_dir_all(&sockets);
+            std::fs::create_dir_all(&sockets)?;
+            let socket = sockets.join("edu0");
+            // Set up as the MMIO part's qemu-vfio-user-userdev.
+            let args = ["--forward", SYNC_LOAD_REGISTER, "--batch", BATCH_REGISTER];
+            server = Some(VfioUserServer::start(programs.emulator, &socket, &args)?);
+            boot.qemu = Some(qemu.to_path_buf());
+            boot.vfio_user = vec![socket];
+        }
+        _ => {}
     }
+    let argv = boot.command(programs.repo, programs.vmm);
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .stdin(Stdio::null())
@@ -218,6 +259,8 @@ fn run_host(host: Host, programs: &Programs, config: &Config) -> Result<Sample> 
     proc.kill();
     let (shell_up, console) = reader.join().expect("console reader");
     let stderr = errors.join().expect("stderr reader");
+    let emulator_log = server.as_mut().map(VfioUserServer::finish);
+    let _ = std::fs::remove_dir_all(&sockets);
     let guest_status = status.and_then(|s| s.code()).map(|c| host.guest_status(c));
     if guest_status != Some(0) {
         bail!(
@@ -226,7 +269,7 @@ fn run_host(host: Host, programs: &Programs, config: &Config) -> Result<Sample> 
             proc.ending(),
             tail(&console),
             proc.role(),
-            tail(&stderr)
+            tail(&format!("{stderr}{}", emulator_log.unwrap_or_default()))
         );
     }
     let mut sample = Sample::default();

@@ -218,6 +218,9 @@ fn main() -> Result<()> {
                     repo,
                     vmm: &paths.vmm,
                     qemu: &paths.qemu,
+                    emulator: &paths.emulator,
+                    qemu_vfio_user: paths.qemu_vfio_user.as_deref(),
+                    qemu_vfio_user_patched: paths.qemu_vfio_user_patched.as_deref(),
                 };
                 let config = linux_bench::Config {
                     rounds: linux.linux_rounds,

@@ -40,7 +40,7 @@ const PER_RUN: Duration = Duration::from_secs(60);
 const VARIANTS: u32 = 10;
 /// The same for one boot of the Linux guest, and how many hosts boot it.
 const PER_LINUX_BOOT: Duration = Duration::from_secs(240);
-const LINUX_HOSTS: u32 = 4;
+const LINUX_HOSTS: u32 = 6;
 
 pub fn run(opts: &Options) -> Result<i32> {
     let flavour = kernel::Flavour::new(false);
@@ -84,16 +84,16 @@ pub fn run(opts: &Options) -> Result<i32> {
         // Read here, on the host: in the VM, /proc/cpuinfo names QEMU's CPU.
         kvm_userdev_bench::system::cpu_model(),
     ]);
+    // The vfio-user variants' QEMUs, without and with qemu-patch/.
+    let qemus = crate::qemu::Qemus::build()?;
+    cmd.extend([
+        "--qemu-vfio-user".into(),
+        qemus.plain.display().to_string(),
+        "--qemu-vfio-user-patched".into(),
+        qemus.patched.display().to_string(),
+    ]);
     if opts.linux != Linux::Only {
         let mut mmio = cmd.clone();
-        // The vfio-user variants' QEMUs, without and with qemu-patch/.
-        let qemus = crate::qemu::Qemus::build()?;
-        mmio.extend([
-            "--qemu-vfio-user".into(),
-            qemus.plain.display().to_string(),
-            "--qemu-vfio-user-patched".into(),
-            qemus.patched.display().to_string(),
-        ]);
         if let Some(v) = &opts.variants {
             mmio.extend(["--variants".into(), v.clone()]);
         }

@@ -55,6 +55,12 @@ pub fn build_guest() -> Result<()> {
 /// `cargo xtask linux [-- CMD...]`: boots the guest in the VM and runs
 /// CMD in it (exit status: CMD's), or gives its shell.
 pub fn run(boot: &Boot, vm_flavour: Flavour, command: &[String]) -> Result<i32> {
+    if boot.host.is_qemu() && boot.host != kvm_userdev_bench::linux::Host::Qemu {
+        anyhow::bail!(
+            "--host qemu-vfio-user*: the emulators must be started beside QEMU, which the \
+             tests (tests/linux.rs) and the benchmark do; see the README's Serve QEMU"
+        );
+    }
     build_guest()?;
     let bins = binaries::build(false)?;
     kernel::build(vm_flavour)?;
