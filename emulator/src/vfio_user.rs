@@ -310,7 +310,9 @@ impl Server {
             }
             // The guest acknowledges the device (a posted store) before its
             // EOI: the ring and the requests already sent first, then the
-            // line.
+            // line. (Requests that arrive meanwhile are answered first too:
+            // a store made after the EOI then counts as made before it,
+            // which can only spare an interrupt that it cleared anyway.)
             self.serve_ring()?;
             if fds[1].revents != 0 {
                 if !self.handle_sent()? {

@@ -163,6 +163,31 @@ fn memfd(size: u64) -> std::fs::File {
     file
 }
 
+/// Signals an EOI on `unmask` and returns once the server has acted on it:
+/// it has read the eventfd (which is then no longer readable) and, before
+/// it answers the next request, decided on the line.
+fn eoi(c: &mut vfio_user::Client, unmask: &EventFd) {
+    unmask.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: unmask.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, of which poll writes only revents.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the EOI was never taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    read32(c, BAR0, 0);
+}
+
 #[test]
 fn intx_is_level_triggered_through_the_unmask_eventfd() {
     let server = Running::start("intx");
@@ -195,12 +220,10 @@ fn intx_is_level_triggered_through_the_unmask_eventfd() {
     read32(&mut c, BAR0, 0);
     assert_eq!(count(&trigger), 1);
     // EOI with the line still high: triggered again.
-    unmask.write(1).unwrap();
-    read32(&mut c, BAR0, 0);
+    eoi(&mut c, &unmask);
     assert_eq!(count(&trigger), 1);
     write32(&mut c, BAR0, regs::IRQ_ACKNOWLEDGE as u64, 1);
-    unmask.write(1).unwrap();
-    read32(&mut c, BAR0, 0);
+    eoi(&mut c, &unmask);
     assert_eq!(count(&trigger), 0, "low after the acknowledge");
 
     // MSI instead: INTx off, one vector.
