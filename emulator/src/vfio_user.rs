@@ -47,9 +47,9 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_BOOL,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK,
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
-    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::Command;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -523,6 +523,9 @@ impl Server {
                 VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
                 self.identity.msi_vectors,
             ),
+            // Error reporting: QEMU warns about a device without it. Our
+            // models have no errors to report, so it never fires.
+            VFIO_PCI_ERR_IRQ_INDEX => (VFIO_IRQ_INFO_EVENTFD, 1),
             i if i < VFIO_PCI_NUM_IRQS => (0, 0),
             _ => return Err(EINVAL),
         };
@@ -540,7 +543,7 @@ impl Server {
         let data = set.flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
         let action = set.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
         let vectors = match set.index {
-            VFIO_PCI_INTX_IRQ_INDEX => 1,
+            VFIO_PCI_INTX_IRQ_INDEX | VFIO_PCI_ERR_IRQ_INDEX => 1,
             VFIO_PCI_MSI_IRQ_INDEX => self.identity.msi_vectors,
             _ => 0,
         };
@@ -645,6 +648,8 @@ impl Server {
                     }
                 }
             }
+            // Nothing ever signals an error: the eventfd is not kept.
+            (VFIO_PCI_ERR_IRQ_INDEX, TRIGGER, EVENTFD | NONE) => {}
             _ => return Err(ENOTSUP),
         }
         Ok(Vec::new())
