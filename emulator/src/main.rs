@@ -180,16 +180,11 @@ fn run() -> Result<(), Box<dyn Error>> {
             .console
             .map(|(input, output)| Console::new(input, output, setup.console.unwrap_or(0)))
             .transpose()?,
-        irq_errors: 0,
-        console_errors: 0,
         map: setup.shadow.then(|| MapSpec {
             forward: setup.forward.clone(),
             batch: setup.batch.clone(),
         }),
-        map_changed: false,
-        defer_irqs: false,
-        hold_output: false,
-        deferred_irqs: Vec::new(),
+        ..Platform::empty()
     };
     let mut sources = Sources::new(source.accesses(), &control, &platform);
     let spin = spin.filter(|_| source.backend().is_some());

@@ -1239,19 +1239,9 @@ mod tests {
         let (output_reader, output) = crate::handoff::socketpair().unwrap();
         let platform = Platform {
             memory: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
-            shadow: None,
-            intx: None,
             isa: Some(IsaIrq::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-            msi: Vec::new(),
-            msi_enabled: false,
             console: Some(Console::new(input.into(), output.into(), 0).unwrap()),
-            irq_errors: 0,
-            console_errors: 0,
-            map: None,
-            map_changed: false,
-            defer_irqs: false,
-            hold_output: false,
-            deferred_irqs: Vec::new(),
+            ..Platform::empty()
         };
         (platform, feed, output_reader)
     }

@@ -77,6 +77,16 @@ fn write64(c: &mut vfio_user::Client, offset: u64, v: u64) {
     c.region_write(BAR0, offset, &v.to_le_bytes()).unwrap();
 }
 
+/// Sets the eventfd of vector 0 of `index`'s `action`, or with `None`
+/// disables the action.
+fn set_irq(c: &mut vfio_user::Client, index: u32, action: u32, fd: Option<&EventFd>) {
+    let (data, count, fds) = match fd {
+        Some(fd) => (VFIO_IRQ_SET_DATA_EVENTFD, 1, vec![fd.as_raw_fd()]),
+        None => (VFIO_IRQ_SET_DATA_NONE, 0, vec![]),
+    };
+    c.set_irqs(index, data | action, 0, count, &fds).unwrap();
+}
+
 fn count(fd: &EventFd) -> u64 {
     fd.read().unwrap_or(0)
 }
@@ -199,22 +209,18 @@ fn intx_is_level_triggered_through_the_unmask_eventfd() {
         (intx.count, intx.flags & VFIO_IRQ_INFO_AUTOMASKED),
         (1, VFIO_IRQ_INFO_AUTOMASKED)
     );
-    c.set_irqs(
+    set_irq(
+        &mut c,
         VFIO_PCI_INTX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[trigger.as_raw_fd()],
-    )
-    .unwrap();
-    c.set_irqs(
+        VFIO_IRQ_SET_ACTION_TRIGGER,
+        Some(&trigger),
+    );
+    set_irq(
+        &mut c,
         VFIO_PCI_INTX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
-        0,
-        1,
-        &[unmask.as_raw_fd()],
-    )
-    .unwrap();
+        VFIO_IRQ_SET_ACTION_UNMASK,
+        Some(&unmask),
+    );
     write32(&mut c, BAR0, regs::IRQ_RAISE as u64, 1);
     // A read after the store: the server has handled both.
     read32(&mut c, BAR0, 0);
@@ -228,22 +234,18 @@ fn intx_is_level_triggered_through_the_unmask_eventfd() {
 
     // MSI instead: INTx off, one vector.
     let msi = EventFd::new(EFD_NONBLOCK).unwrap();
-    c.set_irqs(
+    set_irq(
+        &mut c,
         VFIO_PCI_INTX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        0,
-        &[],
-    )
-    .unwrap();
-    c.set_irqs(
+        VFIO_IRQ_SET_ACTION_TRIGGER,
+        None,
+    );
+    set_irq(
+        &mut c,
         VFIO_PCI_MSI_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[msi.as_raw_fd()],
-    )
-    .unwrap();
+        VFIO_IRQ_SET_ACTION_TRIGGER,
+        Some(&msi),
+    );
     write32(&mut c, BAR0, regs::IRQ_RAISE as u64, 1);
     read32(&mut c, BAR0, 0);
     assert_eq!((count(&msi), count(&trigger)), (1, 0));
