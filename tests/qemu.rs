@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kvm_userdev_bench::qemu::{self, VfioUser};
+use userdev::stats;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -83,9 +84,9 @@ fn counter(out: &qemu::Output, marker: &str, name: &str) -> u64 {
         .lines()
         .rfind(|l| l.contains(marker))
         .unwrap_or_else(|| panic!("no line with {marker:?}"));
-    line.split(|c: char| c.is_whitespace() || c == ';')
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.parse().ok())
+    // The emulator's groups end in ';'.
+    stats::pairs(&line.replace(';', " "))
+        .find_map(|(n, value)| (n == name).then_some(value))
         .unwrap_or_else(|| panic!("no {name} in {line}"))
 }
 

@@ -5,13 +5,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::process::Proc;
+use crate::process::{Collected, Proc};
 
 /// What one idle measurement found.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -74,17 +74,7 @@ pub fn measure(mut command: Command, timeout: Duration) -> Result<IdleCost> {
         .stderr(Stdio::piped());
     let mut vmm = Proc::spawn("the VMM", command, None)?;
     let pid = vmm.id();
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let err_pipe = vmm.take_stderr().context("stderr")?;
-    let collected = Arc::clone(&stderr);
-    let err_reader = std::thread::spawn(move || {
-        for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-            if let Ok(mut s) = collected.lock() {
-                s.push_str(&line);
-                s.push('\n');
-            }
-        }
-    });
+    let stderr = Arc::new(Collected::start(vmm.take_stderr().context("stderr")?));
     // The console, line by line: the CPU times are read at the two lines
     // around the idle span, the emulators' pids (all started by then) at
     // the first.
@@ -98,7 +88,7 @@ pub fn measure(mut command: Command, timeout: Duration) -> Result<IdleCost> {
             transcript.push_str(&line);
             transcript.push('\n');
             if line.starts_with("bench: idle begin") {
-                let emulators = emulator_pids(&log.lock().map(|s| s.clone()).unwrap_or_default());
+                let emulators = emulator_pids(&log.text());
                 begin = Some((Instant::now(), sample(pid, &emulators)?, emulators));
             } else if line.starts_with("bench: idle end") {
                 let Some((t0, (vmm0, emu0), emulators)) = begin.take() else {
@@ -119,14 +109,16 @@ pub fn measure(mut command: Command, timeout: Duration) -> Result<IdleCost> {
     let status = vmm.wait_until(Instant::now() + timeout)?;
     vmm.kill();
     let (cost, transcript) = console.join().expect("console reader")?;
-    let _ = err_reader.join();
+    let stderr = Arc::into_inner(stderr)
+        .expect("the console reader has ended")
+        .wait();
     match (cost, status) {
         (Some(cost), Some(status)) if status.success() => Ok(cost),
         _ => bail!(
             "the idle run ended ({}) without measuring\nguest:\n{}\nvmm:\n{}",
             vmm.ending(),
             crate::qemu::tail(&transcript),
-            crate::qemu::tail(&stderr.lock().map(|s| s.clone()).unwrap_or_default())
+            crate::qemu::tail(&stderr)
         ),
     }
 }

@@ -12,7 +12,7 @@
 //! line of the guest's shell.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use userdev::stats;
 
 use crate::linux::{Boot, Host};
-use crate::process::Proc;
+use crate::process::{Collected, Proc};
 use crate::qemu::VfioUserServer;
 use crate::report::percentile;
 use crate::results::{LinuxFigure, LinuxHostResult, LinuxResults};
@@ -248,17 +248,12 @@ fn run_host(host: Host, programs: &Programs, config: &Config) -> Result<Sample> 
         }
         (shell_up, kept)
     });
-    let stderr = proc.take_stderr().expect("piped");
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = BufReader::new(stderr).read_to_string(&mut s);
-        s
-    });
+    let errors = Collected::start(proc.take_stderr().expect("piped"));
     let deadline = Instant::now() + Duration::from_secs(boot.timeout_s + 60);
     let status = proc.wait_until(deadline)?;
     proc.kill();
     let (shell_up, console) = reader.join().expect("console reader");
-    let stderr = errors.join().expect("stderr reader");
+    let stderr = errors.wait();
     let emulator_log = server.as_mut().map(VfioUserServer::finish);
     let _ = std::fs::remove_dir_all(&sockets);
     let guest_status = status.and_then(|s| s.code()).map(|c| host.guest_status(c));

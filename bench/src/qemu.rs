@@ -84,7 +84,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::process::{describe, poll_exits, Proc};
+use crate::process::{describe, poll_exits, Collected, Proc};
 
 /// The machine type of every variant (see the module documentation).
 pub const MACHINE: &str = "q35";
@@ -384,9 +384,10 @@ pub fn run_vfio_user(
                 report(&guest, &server)
             );
         }
-        let kill_now = vfio
-            .kill_on
-            .is_some_and(|line| read_lossy(&scratch.debugcon()).contains(line));
+        let kill_now = !killed
+            && vfio
+                .kill_on
+                .is_some_and(|line| read_lossy(&scratch.debugcon()).contains(line));
         if kill_now {
             server.kill();
             killed = true;
@@ -431,7 +432,7 @@ impl VfioUserServer {
             // would take none of the emulator's lines.
             .stderr(Stdio::piped());
         let mut proc = Proc::spawn("emulator", cmd, None)?;
-        let log = collect(proc.take_stderr().expect("piped"));
+        let log = Collected::start(proc.take_stderr().expect("piped"));
         let deadline = Instant::now() + SERVER_START;
         while !socket.exists() {
             if let Some(status) = proc.try_reap()? {
@@ -475,40 +476,6 @@ impl VfioUserServer {
             tail(&text)
         )
     }
-}
-
-/// A child's output, read by a thread as it comes.
-struct Collected {
-    text: std::sync::Arc<std::sync::Mutex<String>>,
-    reader: std::thread::JoinHandle<()>,
-}
-
-impl Collected {
-    fn text(&self) -> String {
-        self.text.lock().map(|t| t.clone()).unwrap_or_default()
-    }
-
-    /// Everything, once the writers have closed it.
-    fn wait(self) -> String {
-        let Collected { text, reader } = self;
-        let _ = reader.join();
-        let text = text.lock().map(|t| t.clone()).unwrap_or_default();
-        text
-    }
-}
-
-fn collect(mut from: impl io::Read + Send + 'static) -> Collected {
-    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = text.clone();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = from.read(&mut buf) {
-            if let Ok(mut t) = sink.lock() {
-                t.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    });
-    Collected { text, reader }
 }
 
 // ---------------------------------------------------------------------------

@@ -270,11 +270,8 @@ fn trace_counters(stderr: &str) -> Vec<(String, u64)> {
     stderr
         .lines()
         .filter(|l| l.contains("vfio_user_kvm_stats"))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|w| {
-            let (name, value) = w.split_once('=')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
+        .flat_map(stats::pairs)
+        .map(|(name, value)| (name.to_string(), value))
         .collect()
 }
 

@@ -116,6 +116,20 @@ fn eventfd(fd: OwnedFd) -> EventFd {
     unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
 }
 
+/// The CPUs this process may run on, read while there is a file system to
+/// read it from (sched affinity and cgroup limits).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The ring's adaptive polling, calibrated before the sandbox (the clock
+/// may need a system call). None with one CPU to run on: there a polling
+/// emulator only holds up the vCPU that would queue its next access, and,
+/// runnable instead of asleep, is not woken for that access either.
+fn spin(poll_us: u64, cpus: usize) -> Option<Spin> {
+    (poll_us > 0 && cpus > 1).then(|| Spin::calibrate(poll_us))
+}
+
 fn run() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
     if let Some(path) = &args.vfio_user {
@@ -130,18 +144,12 @@ fn run() -> Result<(), Box<dyn Error>> {
     // SAFETY: the VMM started us with the handoff socket at this descriptor,
     // which nothing else in this process owns.
     let control = unsafe { UnixDatagram::from_raw_fd(args.socket_fd) };
-    // Read while there is a file system to read it from (sched affinity and
-    // cgroup limits).
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = cpus();
     // Nothing of the guest's is here yet: the slow half of the sandbox
     // comes before the VMM counts this emulator as waiting.
     let isolated = sandbox::isolate()?;
-    // Calibrated before the sandbox (the clock may need a system call) and
-    // while standing by, so that no restart waits for its 10 ms. With one
-    // CPU to run on, a polling emulator only holds up the vCPU that would
-    // queue its next access, and, runnable instead of asleep, is not woken
-    // for that access either.
-    let spin = (args.poll_us > 0 && cpus > 1).then(|| Spin::calibrate(args.poll_us));
+    // While standing by, so that no restart waits for its 10 ms.
+    let spin = spin(args.poll_us, cpus);
     send_waiting(&control)?;
     let (setup, fds) = recv_setup(&control)?;
     control.set_nonblocking(true)?;
@@ -310,12 +318,12 @@ fn vfio_user_serve(fd: RawFd, args: &Args) -> Result<(), Box<dyn Error>> {
     // SAFETY: our parent started us with the client's connection at this
     // descriptor, which nothing else in this process owns.
     let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = cpus();
     let isolated = sandbox::isolate()?;
     let mut server = emulator::vfio_user::Server::new(stream, &args.model, true)?;
     server.set_access_map_spec(args.map.clone());
-    if args.poll_us > 0 && cpus > 1 {
-        server.set_spin(Spin::calibrate(args.poll_us));
+    if let Some(spin) = spin(args.poll_us, cpus) {
+        server.set_spin(spin);
     }
     let report = sandbox::lock_down(
         isolated,
@@ -329,11 +337,8 @@ fn vfio_user_serve(fd: RawFd, args: &Args) -> Result<(), Box<dyn Error>> {
         },
     )?;
     emulator::log!(
-        "emulator[{}]: vfio-user server sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
-        args.model,
-        sandbox::NOBODY,
-        report.landlock,
-        report.syscalls
+        "emulator[{}]: vfio-user server sandboxed: {report}",
+        args.model
     );
     let result = server.run();
     let counters = format!("{}; ring: {}", server.counters, server.served);
@@ -381,12 +386,7 @@ fn enter_sandbox(
             console_out: console.map(|c| c.output.as_raw_fd()),
         },
     )?;
-    emulator::log!(
-        "emulator[{model}]: sandboxed: own namespaces, empty read-only root, uid/gid {}, landlock {:?}, seccomp allow-list of {} system calls",
-        sandbox::NOBODY,
-        report.landlock,
-        report.syscalls
-    );
+    emulator::log!("emulator[{model}]: sandboxed: {report}");
     #[cfg(feature = "sandbox-probe")]
     if let Some(what) = &args.probe {
         emulator::log!("{}", sandbox::probe(what));

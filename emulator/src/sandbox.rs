@@ -103,6 +103,16 @@ pub struct Report {
     pub syscalls: usize,
 }
 
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "own namespaces, empty read-only root, uid/gid {NOBODY}, landlock {:?}, seccomp allow-list of {} system calls",
+            self.landlock, self.syscalls
+        )
+    }
+}
+
 /// A process through [`isolate`], waiting for [`lock_down`].
 #[derive(Debug)]
 pub struct Isolated {

@@ -22,15 +22,14 @@ use std::time::{Duration, Instant};
 
 use crate::deps;
 use crate::util::{
-    cache_dir, fmt_duration, hash_files, hex, jobs, lock_file, print_tail, repo_root, run,
-    run_output,
+    cache_dir, fmt_duration, hash_files, hex, jobs, lock_file, patch_series, print_tail, repo_root,
+    run, run_output,
 };
 
 /// Bumped when the way a kernel is built changes, so old cache entries are
 /// not mistaken for current ones.
 const RECIPE: &str = "kvm-userdev kernel recipe 2";
 const BASE_TAG: &str = "kvm-userdev-base";
-const COVER_LETTER: &str = "0000-cover-letter.patch";
 const GIT_IDENTITY: [&str; 4] = [
     "-c",
     "user.name=kvm-userdev xtask",
@@ -118,16 +117,7 @@ fn read_base() -> Result<Base> {
 /// The patches of the series, in order (the cover letter is not applied).
 fn series() -> Result<Vec<PathBuf>> {
     let dir = repo_root().join("kernel-patch");
-    let mut patches: Vec<PathBuf> = fs::read_dir(&dir)
-        .with_context(|| format!("read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.ends_with(".patch") && name != COVER_LETTER
-        })
-        .collect();
-    patches.sort();
-    Ok(patches)
+    patch_series(&dir).with_context(|| format!("read {}", dir.display()))
 }
 
 /// Identifies the series content, so the tree is re-patched when it changes.

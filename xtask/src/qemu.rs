@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use crate::deps;
 use crate::util::{
-    cache_dir, fmt_duration, hash_files, hex, jobs, lock_file, print_tail, repo_root, run,
-    run_output,
+    cache_dir, fmt_duration, hash_files, hex, jobs, lock_file, patch_series, print_tail, repo_root,
+    run, run_output,
 };
 
 /// The source package, pinned: the first Debian QEMU with the vfio-user
@@ -45,7 +45,6 @@ const SUITES: &str = "experimental unstable";
 /// mistaken for current ones.
 const RECIPE: &str = "kvm-userdev qemu recipe 1: dpkg-source -x (Debian's patches applied), \
                       then patch -p1 --fuzz=0 each patch, ninja qemu-system-x86_64";
-const COVER_LETTER: &str = "0000-cover-letter.patch";
 const BINARY: &str = "qemu-system-x86_64";
 
 /// Only the x86 system emulator, with KVM and TCG and nothing optional:
@@ -91,20 +90,10 @@ const FIRMWARE_FILES: &[&str] = &["bios-256k.bin", "pvh.bin"];
 /// if the directory does not exist.
 pub fn series() -> Result<Vec<PathBuf>> {
     let dir = repo_root().join("qemu-patch");
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
-    };
-    let mut patches: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.ends_with(".patch") && name != COVER_LETTER
-        })
-        .collect();
-    patches.sort();
-    Ok(patches)
+    match patch_series(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        r => r.with_context(|| format!("read {}", dir.display())),
+    }
 }
 
 /// The QEMUs the in-VM tests and the benchmark run: without and with our

@@ -116,6 +116,20 @@ pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The patches of a `git format-patch` series in `dir`, in order, without
+/// its cover letter (which is not applied).
+pub fn patch_series(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut patches: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.ends_with(".patch") && name != "0000-cover-letter.patch"
+        })
+        .collect();
+    patches.sort();
+    Ok(patches)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

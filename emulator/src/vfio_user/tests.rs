@@ -255,6 +255,17 @@ fn intx_is_level_triggered_through_the_unmask_eventfd() {
 
 /// Sends one request and returns the reply's header and payload.
 fn request(s: &mut UnixStream, id: u16, command: u16, payload: &[u8]) -> (Header, Vec<u8>) {
+    request_with_fds(s, id, command, payload, &[])
+}
+
+/// The same with `fds` attached.
+fn request_with_fds(
+    s: &mut UnixStream,
+    id: u16,
+    command: u16,
+    payload: &[u8],
+    fds: &[RawFd],
+) -> (Header, Vec<u8>) {
     let mut msg = Vec::new();
     Header {
         id,
@@ -265,13 +276,21 @@ fn request(s: &mut UnixStream, id: u16, command: u16, payload: &[u8]) -> (Header
     }
     .encode(&mut msg);
     msg.extend_from_slice(payload);
-    s.write_all(&msg).unwrap();
+    s.send_with_fds(&[&msg[..]], fds).unwrap();
     let mut head = [0u8; HEADER_SIZE];
     s.read_exact(&mut head).unwrap();
     let header = Header::decode(&head);
     let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
     s.read_exact(&mut body).unwrap();
     (header, body)
+}
+
+/// A version request's payload: version 0.1, `capabilities` as JSON.
+fn version(capabilities: &str) -> Vec<u8> {
+    let mut p = vec![0, 0, 1, 0];
+    p.extend_from_slice(capabilities.as_bytes());
+    p.push(0);
+    p
 }
 
 fn refused(reply: (Header, Vec<u8>), errno: i32) {
@@ -284,12 +303,6 @@ fn refused(reply: (Header, Vec<u8>), errno: i32) {
 fn bad_requests_get_their_errno() {
     let server = Running::start("errors");
     let mut s = server.raw();
-    let version = |json: &str| {
-        let mut p = vec![0, 0, 1, 0];
-        p.extend_from_slice(json.as_bytes());
-        p.push(0);
-        p
-    };
     let read = |offset: u64, region: u32, count: u32| {
         message::Writer::default()
             .u64(offset)
@@ -361,41 +374,8 @@ fn an_oversized_message_ends_the_connection() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Sends one request with `fds` attached and returns the reply's header.
-fn request_with_fds(
-    s: &mut UnixStream,
-    id: u16,
-    command: u16,
-    payload: &[u8],
-    fds: &[RawFd],
-) -> Header {
-    let mut msg = Vec::new();
-    Header {
-        id,
-        command,
-        size: (HEADER_SIZE + payload.len()) as u32,
-        flags: message::TYPE_REQUEST,
-        error: 0,
-    }
-    .encode(&mut msg);
-    msg.extend_from_slice(payload);
-    s.send_with_fds(&[&msg[..]], fds).unwrap();
-    let mut head = [0u8; HEADER_SIZE];
-    s.read_exact(&mut head).unwrap();
-    let header = Header::decode(&head);
-    let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
-    s.read_exact(&mut body).unwrap();
-    header
-}
-
 #[test]
 fn user_devices_are_named_only_when_offered() {
-    let version = |caps: &str| {
-        let mut p = vec![0, 0, 0, 0];
-        p.extend_from_slice(format!("{{\"capabilities\":{caps}}}").as_bytes());
-        p.push(0);
-        p
-    };
     let backend = |region: u32| {
         message::Writer::default()
             .u32(16)
@@ -410,10 +390,11 @@ fn user_devices_are_named_only_when_offered() {
     // A client that does not offer it never sees it, and may not use it.
     let server = Running::start("no-offer");
     let mut s = server.raw();
-    let (_, body) = request(&mut s, 1, Command::Version as u16, &version("{}"));
+    let no_offer = version("{\"capabilities\":{}}");
+    let (_, body) = request(&mut s, 1, Command::Version as u16, &no_offer);
     let v = message::Version::decode(&body).unwrap();
     assert!(v.capability(CAP_KVM_USER_DEVICE).is_none());
-    let h = request_with_fds(&mut s, 2, KVM_USER_BACKEND, &backend(0), &fd);
+    let (h, _) = request_with_fds(&mut s, 2, KVM_USER_BACKEND, &backend(0), &fd);
     assert_eq!(h.error as i32, libc::EINVAL);
     drop(s);
     server.finish();
@@ -426,18 +407,18 @@ fn user_devices_are_named_only_when_offered() {
         &mut s,
         1,
         Command::Version as u16,
-        &version("{\"kvm_user_device\":{}}"),
+        &version("{\"capabilities\":{\"kvm_user_device\":{}}}"),
     );
     let v = message::Version::decode(&body).unwrap();
     assert_eq!(
         v.capability(CAP_KVM_USER_DEVICE),
         Some(&serde_json::json!({ "regions": [0] }))
     );
-    let h = request_with_fds(&mut s, 2, KVM_USER_BACKEND, &backend(0), &fd);
+    let (h, _) = request_with_fds(&mut s, 2, KVM_USER_BACKEND, &backend(0), &fd);
     assert_eq!(h.error as i32, libc::EINVAL, "an eventfd is no backend");
-    let h = request_with_fds(&mut s, 3, KVM_USER_BACKEND, &backend(1), &fd);
+    let (h, _) = request_with_fds(&mut s, 3, KVM_USER_BACKEND, &backend(1), &fd);
     assert_eq!(h.error as i32, libc::EINVAL, "BAR1");
-    let h = request_with_fds(&mut s, 4, KVM_USER_BACKEND, &backend(0), &[]);
+    let (h, _) = request_with_fds(&mut s, 4, KVM_USER_BACKEND, &backend(0), &[]);
     assert_eq!(h.error as i32, libc::EINVAL, "no descriptor");
     // The socket path still serves.
     let read = message::Writer::default().u64(0).u32(BAR0).u32(4).0;
